@@ -1,0 +1,3 @@
+from eqat.cli import main
+
+main()

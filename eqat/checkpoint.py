@@ -1,0 +1,183 @@
+"""eqat's own quantized checkpoint: a Hugging Face folder plus packed QuantLinear tensors.
+
+A checkpoint folder holds:
+    config.json, generation_config.json   the base model's config (no quantization_config)
+    tokenizer files                       as saved by the tokenizer
+    model.safetensors                     every tensor of the model; quantized Linears appear as
+                                          <name>.qweight (int32), <name>.scales, <name>.zeros
+                                          (fp16/bf16) and <name>.bias; tied tensors saved once
+    eqat_config.json                      format name and version, the QuantScheme, the storage
+                                          dtype, the list of quantized modules, provenance
+Folders are written to a temporary sibling and renamed into place when complete.
+The full specification is docs/checkpoint-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eqat import __version__
+from eqat.errors import EqatInputError
+from eqat.qlinear import QuantLinear
+from eqat.scheme import QuantScheme
+
+FORMAT_NAME = "eqat"
+FORMAT_VERSION = 1
+EQAT_CONFIG = "eqat_config.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_eqat_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / EQAT_CONFIG).is_file()
+
+
+@contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of `out`; rename it to `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EqatInputError(f"output folder {out} already exists; pass --force to replace it or choose another --out.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors kept once (under their first name), contiguous."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    provenance: dict[str, Any] | None = None,
+    force: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `model` (with QuantLinear modules) and `tokenizer` as an eqat checkpoint.
+
+    `extra(folder)` may add files (reports, plots) to the folder before it is moved into place.
+    """
+    qmods = quantized_modules(model)
+    if not qmods:
+        raise ValueError("the model has no QuantLinear modules; quantize it before saving an eqat checkpoint")
+    schemes = {m.scheme for m in qmods.values()}
+    if len(schemes) != 1:
+        raise ValueError(f"one scheme per checkpoint is supported, found {sorted(s.name for s in schemes)}")
+    first = next(iter(qmods.values()))
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "eqat_version": __version__,
+        "scheme": first.scheme.to_dict(),
+        "storage_dtype": str(first.scales.dtype).removeprefix("torch."),
+        "quantized_modules": {name: {"bias": m.bias is not None} for name, m in qmods.items()},
+        "provenance": provenance or {},
+    }
+    with atomic_dir(out_dir, force=force) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "eqat_format": FORMAT_NAME})
+        (tmp / EQAT_CONFIG).write_text(json.dumps(meta, indent=2))
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def read_eqat_config(path: str | Path) -> dict[str, Any]:
+    cfg_path = Path(path) / EQAT_CONFIG
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EqatInputError(f"cannot read {cfg_path}: {e}. The checkpoint is damaged; re-run `eqat quantize`.") from e
+    if meta.get("format") != FORMAT_NAME:
+        raise EqatInputError(f"{cfg_path} is not an eqat checkpoint config (format={meta.get('format')!r}).")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise EqatInputError(
+            f"{cfg_path} has checkpoint format version {meta['format_version']}, newer than this eqat "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade eqat."
+        )
+    return meta
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load an eqat checkpoint: (model with QuantLinear modules, tokenizer, eqat_config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from eqat.model import check_model_dir, parse_dtype
+
+    p = check_model_dir(path)
+    meta = read_eqat_config(p)
+    scheme = QuantScheme.from_dict(meta["scheme"])
+    dtype = parse_dtype(meta["storage_dtype"])
+    config = AutoConfig.from_pretrained(p)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, info in meta["quantized_modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise EqatInputError(f"{p / EQAT_CONFIG} names module '{name}', which the model in config.json lacks.") from e
+        parent, _, child = name.rpartition(".")
+        new = QuantLinear(old.in_features, old.out_features, scheme, bias=info["bias"], dtype=dtype, device="meta")
+        setattr(model.get_submodule(parent), child, new)
+    try:
+        state = load_file(str(p / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise EqatInputError(f"cannot read {p / WEIGHTS}: {e}. The file is damaged; re-run `eqat quantize`.") from e
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise EqatInputError(f"{p / WEIGHTS} does not match {p / 'config.json'}: {str(e)[:500]}") from e
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if unexpected or missing:
+        raise EqatInputError(
+            f"{p / WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,71 @@
+"""Load a Hugging Face causal LM from a local folder, with errors a user can act on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eqat.errors import EqatInputError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise EqatInputError(f"unknown dtype '{name}': use one of float32, float16, bfloat16.")
+    return DTYPES[name]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Raise `EqatInputError` unless `path` is a folder holding a causal-LM `config.json`."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise EqatInputError(f"model folder not found: {p}. Pass --model with a local Hugging Face model folder, "
+                             "or leave it out to use the embedded default (SmolLM2-135M-Instruct).")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise EqatInputError(f"{p} has no config.json, so it is not a Hugging Face model folder. "
+                             "Point --model at the folder that holds config.json and the weights.")
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EqatInputError(f"cannot read {cfg}: {e}. Restore the file from the original model.") from e
+    archs = config.get("architectures") or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise EqatInputError(f"{p} holds a {', '.join(archs)}, not a causal LM; eqat quantizes decoder-only "
+                             "causal language models (…ForCausalLM).")
+    return p
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except Exception as e:  # transformers raises many types here
+        raise EqatInputError(f"cannot load the tokenizer from {p}: {e}. The folder needs the tokenizer files "
+                             "(tokenizer.json or tokenizer.model with tokenizer_config.json).") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise EqatInputError(f"cannot load a causal LM from {p}: {e}") from e
+    return model.to(device).eval(), tokenizer
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, tied tensors counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,69 @@
+"""Machine-readable run reports (JSON) and plots, written next to a run's output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions, recorded in every report."""
+    import transformers
+
+    from eqat import __version__
+
+    return {
+        "eqat": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) -> None:
+    """Relative weight error per block, one line per Linear kind (q_proj, down_proj, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for name, err in errors.items():
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        if m:
+            series[m.group(2).rsplit(".", 1)[-1]].append((int(m.group(1)), err))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for kind, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("relative weight error  ||W - W_hat||² / ||W||²")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

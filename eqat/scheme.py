@@ -1,0 +1,93 @@
+"""`QuantScheme`: *what* a weight-only quantization is (bits, group size, symmetry).
+
+The scheme is the single object that drives fake-quant training, the conversion to packed
+`QuantLinear` modules and, later, every exporter. It serialises to JSON with a version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from eqat.errors import EqatInputError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCHEME_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Uniform weight-only quantization of each Linear, per group of input channels.
+
+    bits: code width, one of 2, 3, 4, 8.
+    group_size: consecutive input channels that share one scale and zero-point;
+        -1 means one group per output channel (per-channel).
+    symmetric: if True the zero-point is fixed at 2^(bits-1) (the GPTQ `sym=True`
+        convention) and only the scale is learned; otherwise both are.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise EqatInputError(
+                f"unsupported bits={self.bits}: eqat quantizes to {', '.join(map(str, SUPPORTED_BITS))} bits; "
+                "pick one of those (e.g. --bits 4)."
+            )
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise EqatInputError(
+                f"invalid group_size={self.group_size}: use a positive divisor of the layers' in_features "
+                "(e.g. 32, 64, 128) or -1 for per-channel."
+            )
+
+    @property
+    def qmax(self) -> int:
+        """Largest code, 2^bits - 1."""
+        return (1 << self.bits) - 1
+
+    @property
+    def name(self) -> str:
+        """Short name such as `w4g64`, `w2g-1`, `w4g128sym`."""
+        return f"w{self.bits}g{self.group_size}" + ("sym" if self.symmetric else "")
+
+    def group_size_for(self, in_features: int) -> int:
+        """Effective group size for a layer of `in_features` inputs (per-channel -> in_features)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return in_features // self.group_size_for(in_features)
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Raise `EqatInputError` if this scheme cannot quantize a layer with `in_features` inputs."""
+        if self.group_size == -1 or in_features % self.group_size == 0:
+            return
+        valid = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+        hint = f"group sizes that divide it: {', '.join(map(str, valid))}, or -1 (per-channel)" if valid else \
+            "use -1 (per-channel)"
+        raise EqatInputError(
+            f"group_size={self.group_size} does not divide in_features={in_features} of layer '{name}'; {hint}."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": SCHEME_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantScheme":
+        version = d.get("version", SCHEME_VERSION)
+        if version > SCHEME_VERSION:
+            raise EqatInputError(
+                f"quantization scheme version {version} is newer than this eqat understands ({SCHEME_VERSION}); "
+                "upgrade eqat."
+            )
+        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), symmetric=bool(d.get("symmetric", False)))
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantScheme":
+        """Parse a short name: `w4g64`, `w2g-1`, `w3g128sym`."""
+        m = re.fullmatch(r"w(\d+)g(-1|\d+)(sym)?", text.strip().lower())
+        if not m:
+            raise EqatInputError(f"cannot parse scheme '{text}': write it as w<bits>g<group>[sym], e.g. w4g64 or w2g-1.")
+        return cls(bits=int(m.group(1)), group_size=int(m.group(2)), symmetric=m.group(3) is not None)

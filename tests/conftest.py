@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random causal LMs of each supported family, with a tiny tokenizer
+trained in code, so unit tests need no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = True):
+    from transformers import AutoConfig
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
+    if family == "qwen3":
+        kw["head_dim"] = hidden // 4
+    return AutoConfig.for_model(family, **kw)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    if family == "qwen2":  # q/k/v biases start at zero; make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.data.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer with a 320-token vocabulary, trained on WikiText-2 text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from eqat.data import CARRIED
+
+    text = CARRIED["wikitext2"].read_text(encoding="utf-8")[:200_000].splitlines()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """Factory: save a tiny model of `family` with the tiny tokenizer, return its folder."""
+
+    def make(family: str = "llama", name: str | None = None, **kw) -> Path:
+        path = tmp_path / (name or f"tiny-{family}")
+        model = tiny_model(family, vocab=len(tiny_tokenizer), **kw)
+        model.save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        return path
+
+    return make
