@@ -147,15 +147,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
+    except typer.TyperException as e:  # usage errors (bad option values) with standalone_mode=False
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(2)
-        raise
+        sys.exit(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":
