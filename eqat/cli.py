@@ -35,12 +35,14 @@ def _fmt_ppl(r: Optional[dict]) -> str:
     return "-" if not r else f"{r['ppl']:.2f}"
 
 
-@app.command(epilog="Examples:\n\n  eqat quantize                       # SmolLM2 (embedded), RTN w4g64, perplexity\n\n"
+@app.command(epilog="Examples:\n\n  eqat quantize                       # SmolLM2 (embedded), Block-AP w4g64, perplexity\n\n"
              "  eqat quantize --scheme w2g64 --max-windows 8 --out out/w2\n\n"
-             "  eqat quantize --model ./Llama-3.2-1B --bits 3 --group-size 128 --no-eval")
+             "  eqat quantize --method rtn --model ./Llama-3.2-1B --bits 3 --group-size 128 --no-eval\n\n"
+             "  eqat quantize --model ./Qwen2.5-7B --device cuda --nsamples 4096 --calib-seqlen 2048 --offload disk\n\n"
+             "Re-running a killed Block-AP command resumes at the first unfinished block.")
 def quantize(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct."),
-    method: str = typer.Option("rtn", help="Quantization method: rtn."),
+    method: str = typer.Option("block-ap", help="Quantization method: block-ap (EfficientQAT phase 1) or rtn."),
     scheme: Optional[str] = typer.Option(None, help="Short scheme name, e.g. w4g64, w2g-1, w4g128sym (overrides --bits/--group-size/--symmetric)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(64, help="Input channels per scale/zero-point group; -1 = per output channel."),
@@ -52,17 +54,32 @@ def quantize(
     eval_data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
     seqlen: int = typer.Option(2048, help="Evaluation window length in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (bounds CPU time)."),
-    force: bool = typer.Option(False, help="Replace an existing output folder."),
+    calib_data: str = typer.Option("c4", help="Calibration text (block-ap): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path."),
+    nsamples: int = typer.Option(128, help="Calibration windows to train on (block-ap)."),
+    calib_seqlen: int = typer.Option(256, help="Calibration window length in tokens (block-ap)."),
+    val_samples: int = typer.Option(8, help="Further windows held out to measure each block's loss (block-ap)."),
+    epochs: int = typer.Option(2, help="Epochs over the calibration windows per block (block-ap)."),
+    batch_size: int = typer.Option(4, help="Windows per step (block-ap)."),
+    lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate (block-ap); default depends on bits, see docs/block-ap.md."),
+    lr_quant: float = typer.Option(1e-4, help="Learning rate of scales and zero-points (block-ap)."),
+    offload: str = typer.Option("cpu", help="Where block activations live (block-ap): cpu (memory) or disk (memory-mapped files)."),
+    act_dtype: str = typer.Option("bfloat16", help="dtype of stored activations (block-ap): bfloat16, float16, float32."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling and shuffling."),
+    force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Quantize a model and save an eqat checkpoint (with report.json and a plot)."""
-    from eqat.run import EvalOptions, QuantizeOptions, quantize_run
+    """Quantize a model and save an eqat checkpoint (with report.json and plots)."""
+    from eqat.run import CalibOptions, EvalOptions, QuantizeOptions, quantize_run
+    from eqat.train.blockap import BlockAPConfig
 
     opts = QuantizeOptions(
         model=model, method=method, scheme=_scheme(scheme, bits, group_size, symmetric),
         out=str(out_dir) if out_dir else None, dtype=dtype, device=device, force=force, evaluate=evaluate,
-        eval=EvalOptions(eval_data, seqlen, max_windows), progress=not quiet,
+        eval=EvalOptions(eval_data, seqlen, max_windows), calib=CalibOptions(calib_data, nsamples, calib_seqlen, seed),
+        block_ap=BlockAPConfig(epochs=epochs, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
+                               val_samples=val_samples, act_dtype=act_dtype, offload=offload),
+        progress=not quiet,
     )
     report = quantize_run(opts)
     if json_out:
@@ -78,6 +95,15 @@ def quantize(
     t.add_row("unquantized", f"{report['fp_size_bytes'] / 1e6:.1f}", _fmt_ppl(report.get("fp_perplexity")), win)
     t.add_row(f"{opts.method} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}", _fmt_ppl(ev or None), win)
     out.print(t)
+    if report.get("blocks"):
+        bt = Table(title="Block-AP: block output MSE on held-out windows")
+        for col in ("block", "before (RTN)", "after", "time s"):
+            bt.add_column(col, justify="right")
+        for b in report["blocks"]:
+            bt.add_row(str(b["block"]), f"{b['init_loss']:.4g}", f"{b['final_loss']:.4g}", f"{b['seconds']:.1f}")
+        out.print(bt)
+        ba = report["block_ap"]
+        out.print(f"peak memory {ba['peak_memory_bytes'] / 2**30:.2f} GiB, {ba['seconds_per_block']:.1f} s per block")
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
               f"report: {report['output']}/report.json")
 
@@ -135,7 +161,11 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
 def main() -> None:
     """Entry point: maps eqat's errors to exit codes (2 bad input, 1 failure)."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the exit code of typer.Exit, e.g. 130 for Ctrl-C
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                err.print("interrupted; re-run the same command to resume a Block-AP run")
+            sys.exit(rc)
     except EqatInputError as e:
         err.print(f"[bold red]error:[/bold red] {e}")
         sys.exit(2)
@@ -143,7 +173,7 @@ def main() -> None:
         err.print(f"[bold red]failed:[/bold red] {e}")
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted; re-run the same command to resume a Block-AP run")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)

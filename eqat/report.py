@@ -40,6 +40,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) -> None:
     """Relative weight error per block, one line per Linear kind (q_proj, down_proj, ...)."""
     import matplotlib
@@ -62,8 +73,24 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
+
+
+def plot_block_losses(blocks: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Block-AP: reconstruction loss per block at initialisation (RTN) and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [b["block"] for b in blocks]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(idx, [b["init_loss"] for b in blocks], marker="o", markersize=3, label="before training (RTN init)")
+    ax.plot(idx, [b["final_loss"] for b in blocks], marker="o", markersize=3, label="after training (packed)")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("block output MSE (held-out windows)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)

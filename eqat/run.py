@@ -6,6 +6,8 @@ and write the output folder atomically with its report (JSON) and plot inside.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,17 +16,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from eqat.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
+from eqat.checkpoint import is_eqat_checkpoint, load_quantized, quantized_modules, save_quantized
 from eqat.data import eval_token_ids
 from eqat.errors import EqatInputError
 from eqat.evaluate import perplexity
 from eqat.model import load_model, model_size_bytes, parse_dtype
-from eqat.report import environment, plot_layer_errors, write_json
+from eqat.report import environment, plot_block_losses, plot_layer_errors, write_json
 from eqat.scheme import QuantScheme
+from eqat.train.blockap import BlockAPConfig
 
-METHODS = ("rtn",)
+METHODS = ("block-ap", "rtn")
 REPORT = "report.json"
 PLOT = "layer_error.png"
+BLOCK_PLOT = "block_loss.png"
+RESUME = "resume"
 
 
 @dataclass
@@ -35,9 +40,17 @@ class EvalOptions:
 
 
 @dataclass
+class CalibOptions:
+    data: str = "c4"
+    nsamples: int = 128  # training windows; Block-AP holds out `val_samples` more
+    seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass
 class QuantizeOptions:
     model: str | None = None  # None: the embedded default model
-    method: str = "rtn"
+    method: str = "block-ap"
     scheme: QuantScheme = field(default_factory=QuantScheme)
     out: str | None = None
     dtype: str = "float16"  # storage dtype of scales and zero-points
@@ -45,11 +58,24 @@ class QuantizeOptions:
     force: bool = False
     evaluate: bool = True
     eval: EvalOptions = field(default_factory=EvalOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    block_ap: BlockAPConfig = field(default_factory=BlockAPConfig)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scheme"] = self.scheme.to_dict()
+        if self.method != "block-ap":
+            d.pop("calib"), d.pop("block_ap")
+        return d
+
+    def fingerprint(self, model_path: Path) -> dict[str, Any]:
+        """What determines the trained model: a resumed run must match it."""
+        d = self.to_dict()
+        for k in ("out", "force", "evaluate", "eval", "progress", "model"):
+            d.pop(k, None)
+        d["model_path"] = str(model_path)
+        d["block_ap"].pop("offload", None)  # where activations live does not change the result
         return d
 
 
@@ -77,6 +103,26 @@ def load_any(path: Path, device: str = "cpu"):
     return model, tok, None
 
 
+def _prepare_output(out: Path, method: str, force: bool) -> bool:
+    """Apply the output-folder rules before any work. Returns True when resuming.
+
+    A finished checkpoint is never replaced without --force; an unfinished Block-AP run in
+    `out` is resumed; any other existing folder is left alone unless --force.
+    """
+    if out.exists() and not out.is_dir():
+        raise EqatInputError(f"--out {out} is a file; choose a folder path.")
+    unfinished = (out / RESUME / "state.json").is_file() and not is_eqat_checkpoint(out)
+    if out.exists() and force:
+        shutil.rmtree(out)
+        return False
+    if unfinished and method == "block-ap":
+        return True
+    if out.exists() and (is_eqat_checkpoint(out) or any(out.iterdir())):
+        what = "a finished eqat checkpoint" if is_eqat_checkpoint(out) else "a non-empty folder"
+        raise EqatInputError(f"output folder {out} already exists ({what}); pass --force to replace it or choose another --out.")
+    return False
+
+
 def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     """Load, (evaluate,) quantize, (evaluate,) save. Returns the report that is also saved."""
     if opts.method not in METHODS:
@@ -84,18 +130,27 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     storage = parse_dtype(opts.dtype)
     if storage == torch.float32:
         raise EqatInputError("scales are stored as float16 or bfloat16 (what runtimes read); use --dtype float16 or bfloat16.")
+    if opts.method == "block-ap":
+        opts.block_ap.storage_dtype = str(storage).removeprefix("torch.")
+        opts.block_ap.seed = opts.calib.seed
+        opts.block_ap.check()
     device = resolve_device(opts.device)
     model_path = resolve_model(opts.model)
     out = Path(opts.out) if opts.out else Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}"
-    if out.exists() and not opts.force:
-        raise EqatInputError(f"output folder {out} already exists; pass --force to replace it or choose another --out.")
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_path, device=device)
-    from eqat.train.rtn import check_scheme, quantize_rtn
+    model, tokenizer = load_model(model_path)
+    from eqat.train.rtn import check_scheme
 
     linears = check_scheme(model, opts.scheme)
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None
+    calib = None
+    if opts.method == "block-ap":
+        from eqat.data import calibration_windows
+
+        c = opts.calib
+        calib = calibration_windows(tokenizer, c.data, c.nsamples + opts.block_ap.val_samples, c.seqlen, c.seed)
+    resuming = _prepare_output(out, opts.method, opts.force)
     report: dict[str, Any] = {
         "command": "quantize",
         "options": opts.to_dict(),
@@ -106,15 +161,18 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     }
 
     def ppl(tag: str) -> dict[str, Any]:
+        model.to(device)
         r = perplexity(model, ids, opts.eval.seqlen, opts.eval.max_windows, progress=opts.progress, desc=f"ppl {tag}")
+        model.to("cpu")
         return {**r.to_dict(), "data": opts.eval.data}
 
     if ids is not None:
-        report["fp_perplexity"] = ppl("fp")
+        report["fp_perplexity"] = _cached_fp_ppl(out, opts, resuming, lambda: ppl("fp"))
     t_q = time.perf_counter()
-    bar = tqdm(total=len(linears), desc=f"{opts.method} {opts.scheme.name}", unit="layer", disable=not opts.progress)
-    errors = quantize_rtn(model, opts.scheme, dtype=storage, on_layer=lambda name, err: bar.update())
-    bar.close()
+    if opts.method == "rtn":
+        errors = _run_rtn(model, opts, storage, len(linears))
+    else:
+        errors = _run_block_ap(model, opts, out, model_path, device, calib, report, resuming)
     report["quantize_seconds"] = time.perf_counter() - t_q
     report["layer_relative_error"] = errors
     report["quantized_size_bytes"] = model_size_bytes(model)
@@ -126,10 +184,68 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
         write_json(folder / REPORT, report)
         write_json(folder / "run_config.json", opts.to_dict())
         plot_layer_errors(errors, folder / PLOT, f"{model_path.name} {opts.method} {opts.scheme.name}: weight error per layer")
+        if report.get("blocks"):
+            plot_block_losses(report["blocks"], folder / BLOCK_PLOT, f"{model_path.name} Block-AP {opts.scheme.name}")
 
     provenance = {"method": opts.method, "base_model": str(model_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_quantized(model, tokenizer, out, provenance=provenance, force=opts.force, extra=extras)
+    # `out` may hold this run's resume state: it is replaced only now, by the finished checkpoint
+    save_quantized(model, tokenizer, out, provenance=provenance, force=True, extra=extras)
     return report
+
+
+def _cached_fp_ppl(out: Path, opts: QuantizeOptions, resuming: bool, compute) -> dict[str, Any]:
+    """The unquantized perplexity; a resumed Block-AP run reuses the one it measured first."""
+    cache = out / RESUME / "fp_perplexity.json"
+    if resuming and cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("eval") == asdict(opts.eval):
+            return cached["result"]
+    result = compute()
+    if opts.method == "block-ap":
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, {"eval": asdict(opts.eval), "result": result})
+    return result
+
+
+def _run_rtn(model, opts: QuantizeOptions, storage: torch.dtype, n_layers: int) -> dict[str, float]:
+    from eqat.train.rtn import quantize_rtn
+
+    bar = tqdm(total=n_layers, desc=f"rtn {opts.scheme.name}", unit="layer", disable=not opts.progress)
+    errors = quantize_rtn(model, opts.scheme, dtype=storage, on_layer=lambda name, err: bar.update())
+    bar.close()
+    return errors
+
+
+def _run_block_ap(model, opts, out: Path, model_path: Path, device: str, calib, report, resuming: bool) -> dict[str, float]:
+    from eqat.arch import quantizable_linears
+    from eqat.train.blockap import BlockAPTrainer, peak_memory_bytes
+    from eqat.train.rtn import relative_error
+
+    fp_weights = {name: lin.weight.detach().clone() for name, lin in quantizable_linears(model).items()}
+    n_blocks = model.config.num_hidden_layers
+    outer = tqdm(total=n_blocks, desc=f"Block-AP {opts.scheme.name}", unit="block", disable=not opts.progress)
+
+    def on_block(rec) -> None:
+        outer.n = rec.block + 1
+        outer.set_postfix(loss=f"{rec.init_loss:.3g}->{rec.final_loss:.3g}")
+        outer.refresh()
+
+    trainer = BlockAPTrainer(model, opts.scheme, opts.block_ap, out / RESUME, device=device,
+                             fingerprint=opts.fingerprint(model_path), progress=opts.progress, on_block=on_block)
+    if resuming:
+        report["resumed"] = True
+    records = trainer.run(calib)
+    outer.close()
+    report["blocks"] = [{k: v for k, v in asdict(r).items()} for r in records]
+    report["block_ap"] = {
+        "calibration": {**asdict(opts.calib), "val_samples": opts.block_ap.val_samples,
+                        "tokens": int(calib.numel())},
+        "weight_lr": opts.block_ap.weight_lr(opts.scheme.bits),
+        "peak_memory_bytes": peak_memory_bytes(torch.device(device)),
+        "seconds_per_block": sum(r.seconds for r in records) / max(len(records), 1),
+    }
+    q = quantized_modules(model)
+    return {name: relative_error(fp_weights[name], q[name]) for name in fp_weights}
 
 
 def eval_run(model: str | None, opts: EvalOptions, device: str = "cpu", progress: bool = True) -> dict[str, Any]:

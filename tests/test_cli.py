@@ -2,6 +2,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from eqat.cli import main
 
@@ -40,7 +41,8 @@ def test_full_tiny_run_and_eval_agree(cli, tiny_model_dir, tmp_path, text_file):
     model = tiny_model_dir("qwen2")
     out = tmp_path / "q"
     args = ["--eval-data", str(text_file), "--seqlen", "32", "--max-windows", "3"]
-    code, _, err = cli("quantize", "--model", str(model), "--scheme", "w3g32", "--out", str(out), "-q", *args)
+    code, _, err = cli("quantize", "--model", str(model), "--method", "rtn", "--scheme", "w3g32", "--out", str(out),
+                       "-q", *args)
     assert code == 0, err
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "eqat_config.json", "report.json", "run_config.json",
@@ -101,3 +103,48 @@ def test_unknown_method_and_dtype(cli, tmp_path, tiny_model_dir):
 def test_usage_error_exit_2(cli):
     code, _, _ = cli("quantize", "--bits", "four")
     assert code == 2
+
+
+BLOCK_AP_ARGS = ["--scheme", "w2g32", "--nsamples", "8", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "2",
+                 "--lr-weight", "1e-3", "--lr-quant", "1e-3", "--no-eval", "-q"]
+
+
+def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from eqat.train.blockap import BlockAPTrainer
+
+    model = tiny_model_dir("llama")
+    args = ["--model", str(model), "--calib-data", str(text_file), *BLOCK_AP_ARGS]
+    code, _, err = cli("quantize", "--out", str(tmp_path / "ref"), *args)
+    assert code == 0, err
+    ref = tmp_path / "ref"
+    assert {"block_loss.png", "report.json", "eqat_config.json"} <= {p.name for p in ref.iterdir()}
+    assert not (ref / "resume").exists()
+    report = json.loads((ref / "report.json").read_text())
+    assert [b["block"] for b in report["blocks"]] == [0, 1]
+    assert all(0 < b["final_loss"] < float("inf") and b["steps"] == 4 for b in report["blocks"])
+    assert report["block_ap"]["peak_memory_bytes"] > 0
+
+    save_block = BlockAPTrainer._save_block
+
+    def killed_after_block_0(self, i):
+        save_block(self, i)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockAPTrainer, "_save_block", killed_after_block_0)
+    out = tmp_path / "run"
+    code, _, _ = cli("quantize", "--out", str(out), *args)
+    assert code == 130 and not (out / "eqat_config.json").exists()
+    assert json.loads((out / "resume" / "state.json").read_text())["next_block"] == 1
+    monkeypatch.setattr(BlockAPTrainer, "_save_block", save_block)
+    code, _, err = cli("quantize", "--out", str(out), *args[:-2], "--epochs", "3", "-q")
+    assert code == 2 and "different settings" in err  # resuming with other options is refused
+    code, _, err = cli("quantize", "--out", str(out), *args)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["resumed"] is True
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = cli("quantize", "--out", str(out), *args)
+    assert code == 2 and "finished eqat checkpoint" in err
