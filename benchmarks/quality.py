@@ -1,71 +1,163 @@
-"""Perplexity of each quantization method on SmolLM2 (or --model), WikiText-2 test.
+"""Perplexity and wall time of each quantization method on SmolLM2 (or --model), WikiText-2 test.
 
-Prints a markdown table and writes benchmarks/results/quality.{json,md} with the machine,
-versions and settings. Methods so far: fp (unquantized), rtn. Run:
+Methods: fp (unquantized), rtn, gptq (GPTQModel, needs `pip install gptqmodel`), block-ap
+(eqat). GPTQ and Block-AP get the same calibration windows (C4 sample, --nsamples x
+--calib-seqlen, --seed). Rows are merged into benchmarks/results/<name>.json (a row is
+replaced when the same method and scheme are run again with the same settings), and the
+markdown table <name>.md is rewritten. Run:
 
-    python benchmarks/quality.py --schemes w2g64,w3g64,w4g64 --max-windows 16
+    python benchmarks/quality.py --methods fp,rtn,gptq,block-ap --schemes w2g64,w3g64,w4g64 --max-windows 16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from eqat.data import eval_token_ids
+from eqat.data import calibration_windows, eval_token_ids
 from eqat.evaluate import perplexity
 from eqat.model import load_model
 from eqat.report import environment, write_json
-from eqat.run import resolve_model
+from eqat.run import CalibOptions, resolve_model
 from eqat.scheme import QuantScheme
+from eqat.train.blockap import BlockAPConfig, BlockAPTrainer, peak_memory_bytes
 from eqat.train.rtn import quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"
+GPTQ_CONCAT = 4
 
 
-def run_method(method: str, model_path: Path, scheme: QuantScheme | None) -> tuple[torch.nn.Module, float]:
+def run_gptq(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir: Path) -> tuple[torch.nn.Module, dict]:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    # everything in memory, as eqat does (GPTQModel's default offloads finished layers to disk)
+    qc = QuantizeConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, desc_act=False,
+                        offload_to_disk=False)
+    # The same windows, concatenated 4 at a time: GPTQModel's CPU path costs ~1 min per layer per
+    # 64 rows here, and what GPTQ uses (the Hessian X^T X of each layer) depends on the tokens,
+    # not on how they are grouped into rows, up to the attention context of each token.
+    rows = calib.reshape(-1, GPTQ_CONCAT * calib.shape[1]) if calib.shape[0] % GPTQ_CONCAT == 0 else calib
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in rows]
+    t = time.perf_counter()
+    # float32 like every other method here (GPTQModel picks bf16 on CPU, which AVX2 runs ~20x slower)
+    m = GPTQModel.load(str(model_path), qc, device="cpu", dtype=torch.float32)
+    m.quantize(data, batch_size=1)
+    seconds = time.perf_counter() - t
+    m.save(str(workdir / "gptq"))
+    loaded = GPTQModel.load(str(workdir / "gptq"), device="cpu", dtype=torch.float32)
+    cfg = {k: str(getattr(qc, k)) for k in ("bits", "group_size", "sym", "desc_act", "damp_percent", "act_group_aware",
+                                            "offload_to_disk")}
+    return loaded.model.eval(), {"method_seconds": seconds, "gptq_config": cfg, "gptq_rows": list(rows.shape)}
+
+
+def run_block_ap(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, config: BlockAPConfig,
+                 workdir: Path) -> tuple[torch.nn.Module, dict]:
+    model, _ = load_model(model_path)
+    t = time.perf_counter()
+    records = BlockAPTrainer(model, scheme, config, workdir / "blockap").run(calib)
+    seconds = time.perf_counter() - t
+    return model, {
+        "method_seconds": seconds, "seconds_per_block": seconds / len(records),
+        "peak_memory_bytes": peak_memory_bytes(torch.device("cpu")), "config": asdict(config),
+        "weight_lr": config.weight_lr(scheme.bits),
+        "blocks": [{"block": r.block, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds}
+                   for r in records],
+    }
+
+
+def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib: torch.Tensor,
+               config: BlockAPConfig) -> tuple[torch.nn.Module, dict]:
+    with tempfile.TemporaryDirectory(prefix="eqat-bench-") as tmp:
+        if method == "gptq":
+            return run_gptq(model_path, scheme, calib, Path(tmp))
+        if method == "block-ap":
+            return run_block_ap(model_path, scheme, calib, config, Path(tmp))
     model, _ = load_model(model_path)
     t = time.perf_counter()
     if method == "rtn":
         quantize_rtn(model, scheme)
     elif method != "fp":
-        raise SystemExit(f"unknown method {method}")
-    return model, time.perf_counter() - t
+        raise SystemExit(f"unknown method {method}; choose from fp, rtn, gptq, block-ap")
+    return model, {"method_seconds": time.perf_counter() - t}
+
+
+def merge_row(path: Path, settings: dict, row: dict) -> dict:
+    """Add `row` to the results file (re-read now, so runs in parallel do not drop each other's rows).
+
+    Rows measured under other settings are dropped, except fp/rtn rows, which use no calibration."""
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    old = results.get("settings") or {}
+    if old != settings:
+        same_eval = all(old.get(k) == settings[k] for k in ("model", "seqlen", "max_windows", "eval_data"))
+        results["rows"] = [r for r in results["rows"] if same_eval and r["method"] in ("fp", "rtn")]
+    results["rows"] = [r for r in results["rows"] if (r["method"], r["scheme"]) != (row["method"], row["scheme"])]
+    results["rows"].append(row)
+    results.update(settings=settings, environment=environment())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    return results
+
+
+def markdown(name: str, results: dict) -> str:
+    s = results["settings"]
+    fp = next((r["ppl"] for r in results["rows"] if r["method"] == "fp"), None)
+    md = [f"# Quality: {Path(s['model']).name}, WikiText-2 test, first {s['max_windows']} windows x {s['seqlen']} tokens",
+          "", f"Calibration for gptq and block-ap: {s['calib']['data']}, {s['calib']['nsamples']} x "
+          f"{s['calib']['seqlen']} tokens, seed {s['calib']['seed']}.", "",
+          "| method | scheme | perplexity | gap to fp | method time (s) |", "|---|---|---|---|---|"]
+    order = {"fp": 0, "rtn": 1, "gptq": 2, "block-ap": 3, "block-ap[relative]": 4, "block-ap[mse]": 4}
+    for r in sorted(results["rows"], key=lambda r: (r["scheme"], order.get(r["method"], 9))):
+        gap = "-" if fp is None or r["method"] == "fp" else f"{r['ppl'] - fp:.2f}"
+        md.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.1f} |")
+    return "\n".join(md) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder; default: embedded SmolLM2-135M-Instruct")
     ap.add_argument("--schemes", default="w2g64,w3g64,w4g64")
-    ap.add_argument("--methods", default="fp,rtn")
+    ap.add_argument("--methods", default="fp,rtn,gptq,block-ap")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=16)
+    defaults = CalibOptions()
+    ap.add_argument("--calib-data", default=defaults.data)
+    ap.add_argument("--nsamples", type=int, default=defaults.nsamples)
+    ap.add_argument("--calib-seqlen", type=int, default=defaults.seqlen)
+    ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--loss", default=BlockAPConfig.loss, choices=["mse", "relative"], help="Block-AP loss")
     ap.add_argument("--name", default="quality", help="results file stem")
     args = ap.parse_args()
 
     model_path = resolve_model(args.model)
     _, tok = load_model(model_path)
     ids = eval_token_ids(tok, "wikitext2")
-    rows = []
+    config = BlockAPConfig(seed=args.seed, loss=args.loss)
+    calib_opts = CalibOptions(args.calib_data, args.nsamples, args.calib_seqlen, args.seed)
+    # Block-AP holds out `val_samples` windows to report block losses; GPTQ gets the same training windows
+    calib_all = calibration_windows(tok, args.calib_data, args.nsamples + config.val_samples, args.calib_seqlen, args.seed)
+    settings = {"model": str(model_path), "eval_data": "wikitext2 test (carried copy)", "seqlen": args.seqlen,
+                "max_windows": args.max_windows, "eval_tokens_total": int(ids.numel()), "calib": asdict(calib_opts)}
+    path = RESULTS / f"{args.name}.json"
     for method in args.methods.split(","):
+        label = method if method != "block-ap" or args.loss == BlockAPConfig.loss else f"block-ap[{args.loss}]"
         for scheme_name in ([None] if method == "fp" else args.schemes.split(",")):
             scheme = QuantScheme.parse(scheme_name) if scheme_name else None
-            model, seconds = run_method(method, model_path, scheme)
-            r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{method} {scheme_name or ''}")
-            rows.append({"method": method, "scheme": scheme_name or "-", "ppl": r.ppl, "method_seconds": seconds,
-                         "eval": r.to_dict()})
-            print(f"{method:8s} {scheme_name or '-':8s} ppl {r.ppl:10.3f}  method {seconds:7.1f} s", flush=True)
-    settings = {"model": str(model_path), "eval_data": "wikitext2 test (carried copy)", "seqlen": args.seqlen,
-                "max_windows": args.max_windows, "eval_tokens_total": int(ids.numel())}
-    md = [f"# Quality: {model_path.name}, WikiText-2 test, {rows[0]['eval']['windows']} windows x {args.seqlen} tokens", "",
-          "| method | scheme | perplexity | method time (s) |", "|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {r['method_seconds']:.1f} |" for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{args.name}.json", {"settings": settings, "environment": environment(), "rows": rows})
-    (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+            calib = calib_all if method == "block-ap" else calib_all[: args.nsamples]
+            model, info = run_method(method, model_path, scheme, calib, config)
+            r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{label} {scheme_name or ''}")
+            row = {"method": label, "scheme": scheme_name or "-", "ppl": r.ppl, **info, "eval": r.to_dict()}
+            results = merge_row(path, settings, row)
+            print(f"{label:8s} {scheme_name or '-':8s} ppl {r.ppl:10.3f}  method {info['method_seconds']:7.1f} s", flush=True)
+            (RESULTS / f"{args.name}.md").write_text(markdown(args.name, results))
+    print(markdown(args.name, results))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from eqat.errors import EqatError, EqatInputError
+from eqat.run import CalibOptions
+from eqat.train.blockap import BlockAPConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +24,7 @@ app = typer.Typer(
     help="eqat: low-bit weight-only LLM quantization (EfficientQAT) and export to real runtimes.",
 )
 err = Console(stderr=True)
+_CALIB, _BAP = CalibOptions(), BlockAPConfig()  # option defaults come from the option dataclasses
 out = Console()
 
 
@@ -54,17 +57,18 @@ def quantize(
     eval_data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
     seqlen: int = typer.Option(2048, help="Evaluation window length in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (bounds CPU time)."),
-    calib_data: str = typer.Option("c4", help="Calibration text (block-ap): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path."),
-    nsamples: int = typer.Option(128, help="Calibration windows to train on (block-ap)."),
-    calib_seqlen: int = typer.Option(256, help="Calibration window length in tokens (block-ap)."),
-    val_samples: int = typer.Option(8, help="Further windows held out to measure each block's loss (block-ap)."),
-    epochs: int = typer.Option(2, help="Epochs over the calibration windows per block (block-ap)."),
-    batch_size: int = typer.Option(4, help="Windows per step (block-ap)."),
+    calib_data: str = typer.Option(_CALIB.data, help="Calibration text (block-ap): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path."),
+    nsamples: int = typer.Option(_CALIB.nsamples, help="Calibration windows to train on (block-ap)."),
+    calib_seqlen: int = typer.Option(_CALIB.seqlen, help="Calibration window length in tokens (block-ap)."),
+    val_samples: int = typer.Option(_BAP.val_samples, help="Further windows held out to measure each block's loss (block-ap)."),
+    epochs: int = typer.Option(_BAP.epochs, help="Epochs over the calibration windows per block (block-ap)."),
+    batch_size: int = typer.Option(_BAP.batch_size, help="Windows per step (block-ap)."),
     lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate (block-ap); default depends on bits, see docs/block-ap.md."),
-    lr_quant: float = typer.Option(1e-4, help="Learning rate of scales and zero-points (block-ap)."),
-    offload: str = typer.Option("cpu", help="Where block activations live (block-ap): cpu (memory) or disk (memory-mapped files)."),
-    act_dtype: str = typer.Option("bfloat16", help="dtype of stored activations (block-ap): bfloat16, float16, float32."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling and shuffling."),
+    lr_quant: float = typer.Option(_BAP.lr_quant, help="Learning rate of scales and zero-points (block-ap)."),
+    loss: str = typer.Option(_BAP.loss, help="Block reconstruction loss (block-ap): mse (the paper) or relative (per-token, robust to massive activations)."),
+    offload: str = typer.Option(_BAP.offload, help="Where block activations live (block-ap): cpu (memory) or disk (memory-mapped files)."),
+    act_dtype: str = typer.Option(_BAP.act_dtype, help="dtype of stored activations (block-ap): bfloat16, float16, float32."),
+    seed: int = typer.Option(_CALIB.seed, help="Seed for calibration sampling and shuffling."),
     force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -78,7 +82,7 @@ def quantize(
         out=str(out_dir) if out_dir else None, dtype=dtype, device=device, force=force, evaluate=evaluate,
         eval=EvalOptions(eval_data, seqlen, max_windows), calib=CalibOptions(calib_data, nsamples, calib_seqlen, seed),
         block_ap=BlockAPConfig(epochs=epochs, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
-                               val_samples=val_samples, act_dtype=act_dtype, offload=offload),
+                               val_samples=val_samples, loss=loss, act_dtype=act_dtype, offload=offload),
         progress=not quiet,
     )
     report = quantize_run(opts)

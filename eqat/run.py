@@ -42,7 +42,7 @@ class EvalOptions:
 @dataclass
 class CalibOptions:
     data: str = "c4"
-    nsamples: int = 128  # training windows; Block-AP holds out `val_samples` more
+    nsamples: int = 64  # training windows; Block-AP holds out `val_samples` more
     seqlen: int = 256
     seed: int = 0
 

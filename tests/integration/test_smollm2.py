@@ -79,3 +79,23 @@ def test_checkpoint_round_trip_logits_identical(smol, tmp_path):
         assert torch.equal(model(x).logits, loaded(x).logits)
     size = (tmp_path / "ck" / "model.safetensors").stat().st_size
     assert size < 0.45 * (path / "model.safetensors").stat().st_size
+
+
+def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
+    """The first two real SmolLM2 blocks at w2g64: training lowers the held-out block loss well
+    below the RTN starting point (the full-model figures are in benchmarks/results)."""
+    from eqat.data import calibration_windows
+    from eqat.qlinear import QuantLinear
+    from eqat.train.blockap import BlockAPConfig, BlockAPTrainer
+
+    path, tok, _ = smol
+    model, _ = load_model(path)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    calib = calibration_windows(tok, "c4", 20, 128, seed=0)
+    records = BlockAPTrainer(model, QuantScheme(2, 64), BlockAPConfig(val_samples=4), tmp_path / "s",
+                             progress=False).run(calib)
+    assert [r.block for r in records] == [0, 1]
+    for r in records:
+        assert r.final_loss < 0.8 * r.init_loss, r
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14

@@ -102,8 +102,27 @@ def test_divergence_names_the_block(tmp_path):
 
 
 def test_bad_options_are_input_errors(tmp_path):
-    for bad in (dict(offload="tape"), dict(act_dtype="int8"), dict(batch_size=0)):
+    for bad in (dict(offload="tape"), dict(act_dtype="int8"), dict(batch_size=0), dict(loss="l1")):
         with pytest.raises(EqatInputError):
             BlockAPTrainer(tiny_model(), SCHEME, cfg(**bad), tmp_path / "x")
     with pytest.raises(EqatInputError, match="in_features=64"):
         BlockAPTrainer(tiny_model(), QuantScheme(4, 48), cfg(), tmp_path / "y")
+
+
+def test_relative_loss_weighs_tokens_equally():
+    from eqat.train.blockap import recon_loss
+
+    y = torch.ones(1, 3, 4)
+    y[0, 0] *= 1000.0  # an "attention sink" token with a massive activation
+    out = y * 1.1  # 10% error on every token
+    mse, rel = recon_loss(out, y, "mse"), recon_loss(out, y, "relative")
+    assert mse[0, 0] > 1e5 * mse[0, 1]
+    assert torch.allclose(rel, torch.full((1, 3), 0.01))
+
+
+def test_relative_loss_trains_and_is_recorded(tmp_path):
+    _, records = train(tmp_path, config=cfg(loss="relative"))
+    # relative per-token errors: well below 1; training lowers the training loss of every block
+    assert all(0 < r.final_loss < 1 and 0 < r.init_loss < 1 for r in records)
+    assert all(r.train_losses[-1] < 0.8 * r.train_losses[0] for r in records)
+    assert records[0].final_loss < records[0].init_loss
