@@ -105,7 +105,7 @@ def test_usage_error_exit_2(cli):
     assert code == 2
 
 
-BLOCK_AP_ARGS = ["--scheme", "w2g32", "--nsamples", "8", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "2",
+BLOCK_AP_ARGS = ["--scheme", "w2g32", "--nsamples", "8", "--batch-size", "4", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "2",
                  "--lr-weight", "1e-3", "--lr-quant", "1e-3", "--no-eval", "-q"]
 
 
