@@ -1,8 +1,10 @@
 """Perplexity and wall time of each quantization method on SmolLM2 (or --model), WikiText-2 test.
 
 Methods: fp (unquantized), rtn, gptq (GPTQModel, needs `pip install gptqmodel`), block-ap
-(eqat). GPTQ and Block-AP get the same calibration windows (C4 sample, --nsamples x
---calib-seqlen, --seed). Rows are merged into benchmarks/results/<name>.json (a row is
+(eqat), block-ap+e2e (eqat Block-AP, then E2E-QP through `eqat train-e2e` in its own process,
+with full-precision AdamW fine-tuning of the same model measured beside it for memory,
+benchmarks/fp_finetune_memory.py). GPTQ and Block-AP get the same calibration windows (C4
+sample, --nsamples x --calib-seqlen, --seed); E2E-QP trains on C4 windows with its defaults. Rows are merged into benchmarks/results/<name>.json (a row is
 replaced when the same method and scheme are run again with the same settings), and the
 markdown table <name>.md is rewritten. Run:
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -27,7 +31,9 @@ from eqat.model import load_model
 from eqat.report import environment, write_json
 from eqat.run import CalibOptions, resolve_model
 from eqat.scheme import QuantScheme
+from eqat.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
 from eqat.train.blockap import BlockAPConfig, BlockAPTrainer, peak_memory_bytes
+from eqat.train.e2e import E2EQPConfig
 from eqat.train.rtn import quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,12 +88,19 @@ def dequantize_gptq_model(model: torch.nn.Module) -> float:
     return float((model(x).logits - before).abs().max())
 
 
+def block_ap_dir(workdir: Path, scheme: QuantScheme, calib: torch.Tensor, config: BlockAPConfig) -> Path:
+    """Where the benchmark keeps a Block-AP run, so later rows (E2E-QP) start from it."""
+    return workdir / f"blockap-{scheme.name}-{config.loss}-seed{config.seed}-{calib.shape[0]}x{calib.shape[1]}"
+
+
 def run_block_ap(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, config: BlockAPConfig,
                  workdir: Path) -> tuple[torch.nn.Module, dict]:
+    """Block-AP, resumed from (or reusing a finished run in) `block_ap_dir`; the time reported
+    is the sum of the blocks' training times when the run was reused."""
     model, _ = load_model(model_path)
     t = time.perf_counter()
-    records = BlockAPTrainer(model, scheme, config, workdir / "blockap").run(calib)
-    seconds = time.perf_counter() - t
+    records = BlockAPTrainer(model, scheme, config, block_ap_dir(workdir, scheme, calib, config)).run(calib)
+    seconds = max(time.perf_counter() - t, sum(r.seconds for r in records))
     return model, {
         "method_seconds": seconds, "seconds_per_block": seconds / len(records),
         "peak_memory_bytes": peak_memory_bytes(torch.device("cpu")), "config": asdict(config),
@@ -97,19 +110,52 @@ def run_block_ap(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, con
     }
 
 
+def run_block_ap_e2e(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, config: BlockAPConfig,
+                     workdir: Path) -> tuple[torch.nn.Module, dict]:
+    """Block-AP (reused from `block_ap_dir` when finished), then `eqat train-e2e` and the
+    full-precision fine-tuning yardstick, each in its own process so each peak is its own."""
+    model, bap = run_block_ap(model_path, scheme, calib, config, workdir)
+    base = block_ap_dir(workdir, scheme, calib, config)
+    ckpt = base.with_name(base.name + "-ckpt")
+    if not is_eqat_checkpoint(ckpt):
+        _, tok = load_model(model_path)
+        save_quantized(model, tok, ckpt, provenance={"method": "block-ap", "base_model": str(model_path)}, force=True)
+    e2e_out = base.with_name(base.name + "-e2e")
+    cfg = E2EQPConfig()
+    cmd = [sys.executable, "-m", "eqat", "train-e2e", str(ckpt), "--out", str(e2e_out), "--no-eval", "--force", "--json",
+           "-q"]
+    t = time.perf_counter()
+    e2e_report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    e2e_seconds = time.perf_counter() - t
+    fp_cmd = [sys.executable, str(Path(__file__).with_name("fp_finetune_memory.py")), "--batch-size", str(cfg.batch_size),
+              "--grad-accum", str(cfg.grad_accum), "--seqlen", str(cfg.seqlen), "--model", str(model_path)]
+    fp_ft = json.loads(subprocess.run(fp_cmd, check=True, capture_output=True, text=True).stdout)
+    e2e = e2e_report["e2e_qp"]
+    e2e.pop("log", None)
+    model, _, _ = load_quantized(e2e_out)
+    return model, {
+        "method_seconds": bap["method_seconds"] + e2e["train_seconds"],
+        "block_ap": {k: bap[k] for k in ("method_seconds", "seconds_per_block", "peak_memory_bytes", "weight_lr")},
+        "e2e_qp": {**e2e, "process_seconds": e2e_seconds, "process_peak_rss_bytes": e2e_report["process_peak_rss_bytes"]},
+        "fp_finetune": fp_ft,
+    }
+
+
 def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib: torch.Tensor,
-               config: BlockAPConfig) -> tuple[torch.nn.Module, dict]:
+               config: BlockAPConfig, workdir: Path) -> tuple[torch.nn.Module, dict]:
+    if method == "block-ap":
+        return run_block_ap(model_path, scheme, calib, config, workdir)
+    if method == "block-ap+e2e":
+        return run_block_ap_e2e(model_path, scheme, calib, config, workdir)
     with tempfile.TemporaryDirectory(prefix="eqat-bench-") as tmp:
         if method == "gptq":
             return run_gptq(model_path, scheme, calib, Path(tmp))
-        if method == "block-ap":
-            return run_block_ap(model_path, scheme, calib, config, Path(tmp))
     model, _ = load_model(model_path)
     t = time.perf_counter()
     if method == "rtn":
         quantize_rtn(model, scheme)
     elif method != "fp":
-        raise SystemExit(f"unknown method {method}; choose from fp, rtn, gptq, block-ap")
+        raise SystemExit(f"unknown method {method}; choose from fp, rtn, gptq, block-ap, block-ap+e2e")
     return model, {"method_seconds": time.perf_counter() - t}
 
 
@@ -137,10 +183,23 @@ def markdown(name: str, results: dict) -> str:
           "", f"Calibration for gptq and block-ap: {s['calib']['data']}, {s['calib']['nsamples']} x "
           f"{s['calib']['seqlen']} tokens, seed {s['calib']['seed']}.", "",
           "| method | scheme | perplexity | gap to fp | method time (s) |", "|---|---|---|---|---|"]
-    order = {"fp": 0, "rtn": 1, "gptq": 2, "block-ap": 3, "block-ap[relative]": 4, "block-ap[mse]": 4}
+    order = {"fp": 0, "rtn": 1, "gptq": 2, "block-ap": 3, "block-ap+e2e": 4, "block-ap[relative]": 5}
     for r in sorted(results["rows"], key=lambda r: (r["scheme"], order.get(r["method"], 9))):
         gap = "-" if fp is None or r["method"] == "fp" else f"{r['ppl'] - fp:.2f}"
         md.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.1f} |")
+    e2e_rows = [r for r in results["rows"] if "e2e_qp" in r]
+    if e2e_rows:
+        md += ["", "E2E-QP phase (own process) against full-precision AdamW fine-tuning of the same model "
+               "(own process, same batch x accumulation x seqlen); peak = process RSS sampled during training.", "",
+               "| scheme | Block-AP s | E2E-QP s | steps | tokens/s | trainable | held-out NLL before -> after "
+               "| E2E-QP peak GiB | FP AdamW peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+        gib = 2**30
+        for r in sorted(e2e_rows, key=lambda r: r["scheme"]):
+            e, f = r["e2e_qp"], r["fp_finetune"]
+            md.append(f"| {r['scheme']} | {r['block_ap']['method_seconds']:.0f} | {e['train_seconds']:.0f} | {e['steps']} | "
+                      f"{e['tokens_per_second']:.0f} | {e['trainable_params']:,} | {e['val_loss_before']:.3f} -> "
+                      f"{e['val_loss_after']:.3f} | {e['peak_memory']['peak_bytes'] / gib:.2f} | "
+                      f"{f['peak_memory']['peak_bytes'] / gib:.2f} |")
     return "\n".join(md) + "\n"
 
 
@@ -158,6 +217,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--loss", default=BlockAPConfig.loss, choices=["mse", "relative"], help="Block-AP loss")
     ap.add_argument("--name", default="quality", help="results file stem")
+    ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "eqat" / "bench",
+                    help="keeps Block-AP runs (resumable, reused by later rows)")
     args = ap.parse_args()
 
     model_path = resolve_model(args.model)
@@ -171,11 +232,11 @@ def main() -> None:
                 "max_windows": args.max_windows, "eval_tokens_total": int(ids.numel()), "calib": asdict(calib_opts)}
     path = RESULTS / f"{args.name}.json"
     for method in args.methods.split(","):
-        label = method if method != "block-ap" or args.loss == BlockAPConfig.loss else f"block-ap[{args.loss}]"
+        label = method if not method.startswith("block-ap") or args.loss == BlockAPConfig.loss else f"{method}[{args.loss}]"
         for scheme_name in ([None] if method == "fp" else args.schemes.split(",")):
             scheme = QuantScheme.parse(scheme_name) if scheme_name else None
-            calib = calib_all if method == "block-ap" else calib_all[: args.nsamples]
-            model, info = run_method(method, model_path, scheme, calib, config)
+            calib = calib_all if method.startswith("block-ap") else calib_all[: args.nsamples]
+            model, info = run_method(method, model_path, scheme, calib, config, args.work_dir)
             r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{label} {scheme_name or ''}")
             row = {"method": label, "scheme": scheme_name or "-", "ppl": r.ppl, **info, "eval": r.to_dict()}
             results = merge_row(path, settings, row)

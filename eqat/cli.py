@@ -17,6 +17,7 @@ from rich.table import Table
 from eqat.errors import EqatError, EqatInputError
 from eqat.run import CalibOptions
 from eqat.train.blockap import BlockAPConfig
+from eqat.train.e2e import E2EQPConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -24,8 +25,41 @@ app = typer.Typer(
     help="eqat: low-bit weight-only LLM quantization (EfficientQAT) and export to real runtimes.",
 )
 err = Console(stderr=True)
-_CALIB, _BAP = CalibOptions(), BlockAPConfig()  # option defaults come from the option dataclasses
+_CALIB, _BAP, _E2E = CalibOptions(), BlockAPConfig(), E2EQPConfig()  # defaults come from the option dataclasses
 out = Console()
+
+# E2E-QP options, shared by `quantize` and `train-e2e`
+E2E_DATA = typer.Option(_E2E.data, "--e2e-data", help="E2E-QP training text: c4, a .txt/.jsonl path; a .jsonl with prompt/response fields trains on the responses only.")
+E2E_NSAMPLES = typer.Option(_E2E.nsamples, "--e2e-nsamples", help="E2E-QP training sequences.")
+E2E_VAL = typer.Option(_E2E.val_samples, "--e2e-val-samples", help="Held-out sequences of the same text, scored before and after E2E-QP.")
+E2E_SEQLEN = typer.Option(_E2E.seqlen, "--e2e-seqlen", help="E2E-QP sequence length in tokens.")
+E2E_EPOCHS = typer.Option(_E2E.epochs, "--e2e-epochs", help="Epochs over the E2E-QP sequences.")
+E2E_STEPS = typer.Option(None, "--e2e-steps", help="Optimizer steps (overrides --e2e-epochs).")
+E2E_LR = typer.Option(None, "--e2e-lr", help="Learning rate of the scales; default 2e-4 at 2 bits, 1e-4 at 3/4/8 (docs/e2e-qp.md).")
+E2E_BATCH = typer.Option(_E2E.batch_size, "--e2e-batch-size", help="Sequences per forward pass.")
+E2E_ACCUM = typer.Option(_E2E.grad_accum, "--e2e-grad-accum", help="Forward passes per optimizer step.")
+E2E_SCHED = typer.Option(_E2E.schedule, "--e2e-schedule", help="Learning-rate schedule after warm-up: cosine or constant.")
+E2E_WARMUP = typer.Option(_E2E.warmup_ratio, "--e2e-warmup", help="Warm-up as a fraction of the steps.")
+E2E_CLIP = typer.Option(_E2E.max_grad_norm, "--e2e-max-grad-norm", help="Gradient-norm clip (0 = none).")
+E2E_ZEROS = typer.Option(False, "--e2e-train-zeros", help="Also train the zero-points (kept on the integer grid).")
+E2E_CKPT = typer.Option(False, "--grad-checkpointing", help="Recompute each block in the backward (less memory, ~1.3x time).")
+E2E_SAVE = typer.Option(_E2E.save_every, "--e2e-save-every", help="Write the resumable E2E-QP state every this many steps.")
+E2E_PROMPT = typer.Option(_E2E.prompt_format, "--prompt-format", help="Instruction data: plain (prompt + response) or chat (the tokenizer's chat template).")
+
+
+def _e2e_config(data, nsamples, val, seqlen, epochs, steps, lr, batch, accum, sched, warmup, clip, zeros, ckpt, prompt,
+                save) -> E2EQPConfig:
+    return E2EQPConfig(data=data, nsamples=nsamples, val_samples=val, seqlen=seqlen, epochs=epochs, max_steps=steps, lr=lr,
+                       batch_size=batch, grad_accum=accum, schedule=sched, warmup_ratio=warmup, max_grad_norm=clip,
+                       train_zeros=zeros, grad_checkpointing=ckpt, prompt_format=prompt, save_every=save)
+
+
+def _print_e2e(section: dict) -> None:
+    pm = section["peak_memory"]
+    vb, va = section.get("val_loss_before"), section.get("val_loss_after")
+    held = f"held-out NLL {vb:.4f} -> {va:.4f}, " if vb is not None and va is not None else ""
+    out.print(f"E2E-QP: {section['steps']} steps, lr {section['lr']:.2g}, {section['trainable_params']:,} trainable scales, "
+              f"{held}{section['tokens_per_second']:.0f} tokens/s, peak memory {pm['peak_bytes'] / 2**30:.2f} GiB")
 
 
 def _scheme(scheme: Optional[str], bits: int, group_size: int, symmetric: bool):
@@ -69,11 +103,18 @@ def quantize(
     offload: str = typer.Option(_BAP.offload, help="Where block activations live (block-ap): cpu (memory) or disk (memory-mapped files)."),
     act_dtype: str = typer.Option(_BAP.act_dtype, help="dtype of stored activations (block-ap): bfloat16, float16, float32."),
     seed: int = typer.Option(_CALIB.seed, help="Seed for calibration sampling and shuffling."),
+    skip_e2e: bool = typer.Option(False, "--skip-e2e", help="Stop after Block-AP (no E2E-QP phase)."),
+    e2e_data: str = E2E_DATA, e2e_nsamples: int = E2E_NSAMPLES, e2e_val_samples: int = E2E_VAL,
+    e2e_seqlen: int = E2E_SEQLEN, e2e_epochs: int = E2E_EPOCHS, e2e_steps: Optional[int] = E2E_STEPS,
+    e2e_lr: Optional[float] = E2E_LR, e2e_batch_size: int = E2E_BATCH, e2e_grad_accum: int = E2E_ACCUM,
+    e2e_schedule: str = E2E_SCHED, e2e_warmup: float = E2E_WARMUP, e2e_max_grad_norm: float = E2E_CLIP,
+    e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
+    e2e_save_every: int = E2E_SAVE,
     force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Quantize a model and save an eqat checkpoint (with report.json and plots)."""
+    """Quantize a model (Block-AP then E2E-QP by default) and save an eqat checkpoint (with report.json and plots)."""
     from eqat.run import CalibOptions, EvalOptions, QuantizeOptions, quantize_run
     from eqat.train.blockap import BlockAPConfig
 
@@ -83,6 +124,10 @@ def quantize(
         eval=EvalOptions(eval_data, seqlen, max_windows), calib=CalibOptions(calib_data, nsamples, calib_seqlen, seed),
         block_ap=BlockAPConfig(epochs=epochs, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
                                val_samples=val_samples, loss=loss, act_dtype=act_dtype, offload=offload),
+        skip_e2e=skip_e2e,
+        e2e=_e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
+                        e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
+                        prompt_format, e2e_save_every),
         progress=not quiet,
     )
     report = quantize_run(opts)
@@ -97,7 +142,7 @@ def quantize(
     ev = report.get("perplexity") or {}
     win = f"{ev.get('windows', '-')} x {ev.get('seqlen', '-')}" if ev else "-"
     t.add_row("unquantized", f"{report['fp_size_bytes'] / 1e6:.1f}", _fmt_ppl(report.get("fp_perplexity")), win)
-    t.add_row(f"{opts.method} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}", _fmt_ppl(ev or None), win)
+    t.add_row(f"{opts.method}{'+e2e-qp' if opts.runs_e2e else ''} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}", _fmt_ppl(ev or None), win)
     out.print(t)
     if report.get("blocks"):
         bt = Table(title="Block-AP: block output MSE on held-out windows")
@@ -108,6 +153,8 @@ def quantize(
         out.print(bt)
         ba = report["block_ap"]
         out.print(f"peak memory {ba['peak_memory_bytes'] / 2**30:.2f} GiB, {ba['seconds_per_block']:.1f} s per block")
+    if report.get("e2e_qp"):
+        _print_e2e(report["e2e_qp"])
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
               f"report: {report['output']}/report.json")
 
@@ -136,6 +183,48 @@ def eval_cmd(
     elif not quiet:
         out.print(f"perplexity {result['ppl']:.3f} on {result['data']} ({result['windows']} windows x {result['seqlen']} "
                   f"tokens, {result['seconds']:.1f} s)")
+
+
+@app.command("train-e2e", epilog="Examples:\n\n  eqat train-e2e eqat-out/SmolLM2-135M-Instruct-w2g64-block-ap --max-windows 8\n\n"
+             "  eqat train-e2e ckpt --e2e-data sft.jsonl --prompt-format chat --e2e-steps 200 --out ckpt-sft\n\n"
+             "Re-running a killed command resumes from the last saved step.")
+def train_e2e(
+    checkpoint: Path = typer.Argument(..., help="eqat checkpoint folder (from `eqat quantize`)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default <checkpoint>-e2e."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity before and after."),
+    eval_data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
+    seqlen: int = typer.Option(2048, help="Evaluation window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (bounds CPU time)."),
+    e2e_data: str = E2E_DATA, e2e_nsamples: int = E2E_NSAMPLES, e2e_val_samples: int = E2E_VAL,
+    e2e_seqlen: int = E2E_SEQLEN, e2e_epochs: int = E2E_EPOCHS, e2e_steps: Optional[int] = E2E_STEPS,
+    e2e_lr: Optional[float] = E2E_LR, e2e_batch_size: int = E2E_BATCH, e2e_grad_accum: int = E2E_ACCUM,
+    e2e_schedule: str = E2E_SCHED, e2e_warmup: float = E2E_WARMUP, e2e_max_grad_norm: float = E2E_CLIP,
+    e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
+    e2e_save_every: int = E2E_SAVE,
+    seed: int = typer.Option(_E2E.seed, help="Seed for sampling and shuffling the training sequences."),
+    force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """E2E-QP on an existing eqat checkpoint: train the scales end to end, codes unchanged."""
+    from eqat.run import EvalOptions
+    from eqat.run_e2e import TrainE2EOptions, train_e2e_run
+
+    cfg = _e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
+                      e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
+                      prompt_format, e2e_save_every)
+    cfg.seed = seed
+    report = train_e2e_run(TrainE2EOptions(str(checkpoint), str(out_dir) if out_dir else None, device, force, evaluate,
+                                           EvalOptions(eval_data, seqlen, max_windows), cfg, progress=not quiet))
+    if json_out:
+        out.print_json(json.dumps(report, default=str))
+    elif not quiet:
+        if report.get("perplexity"):
+            out.print(f"perplexity {_fmt_ppl(report['perplexity_before'])} -> {_fmt_ppl(report['perplexity'])} "
+                      f"({report['perplexity']['windows']} windows x {report['perplexity']['seqlen']})")
+        _print_e2e(report["e2e_qp"])
+        out.print(f"saved {report['output']} in {report['total_seconds']:.1f} s; report: {report['output']}/report.json")
 
 
 @app.command(epilog="Examples:\n\n  eqat info\n\n  eqat info eqat-out/SmolLM2-135M-Instruct-w4g64-rtn")
@@ -168,7 +257,7 @@ def main() -> None:
         rc = app(standalone_mode=False)  # returns the exit code of typer.Exit, e.g. 130 for Ctrl-C
         if isinstance(rc, int) and rc:
             if rc == 130:
-                err.print("interrupted; re-run the same command to resume a Block-AP run")
+                err.print("interrupted; re-run the same command to resume")
             sys.exit(rc)
     except EqatInputError as e:
         err.print(f"[bold red]error:[/bold red] {e}")
@@ -177,7 +266,7 @@ def main() -> None:
         err.print(f"[bold red]failed:[/bold red] {e}")
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted; re-run the same command to resume a Block-AP run")
+        err.print("interrupted; re-run the same command to resume")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)

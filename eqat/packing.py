@@ -11,6 +11,7 @@ that fills whole words: 16 codes for 2 bits, 32 for 3, 8 for 4, 4 for 8), so any
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import gcd
 
 import torch
@@ -63,8 +64,28 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(words.reshape(*words.shape[:-2], -1))
 
 
+@lru_cache(maxsize=None)
+def _unpack_plan(bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per code of a chunk: word index, right shift, next word index, left shift of the spilled
+    high bits, mask of the bits kept from the first word, and whether the code spills (0/1)."""
+    n_codes, n_words = _chunk(bits)
+    j = torch.arange(n_codes) * bits
+    word, shift = j // 32, j % 32
+    spill = (shift + bits > 32)
+    nxt = torch.where(spill, word + 1, word).clamp(max=n_words - 1)
+    left = torch.where(spill, 32 - shift, torch.full_like(shift, 31))
+    # bits of a word kept after the right shift: the whole code, or only its low part if it spills
+    keep = torch.where(spill, (1 << (32 - shift)) - 1, torch.full_like(shift, (1 << bits) - 1))
+    return (word.to(device), shift.to(device, torch.int32), nxt.to(device), left.to(device, torch.int32),
+            keep.to(device, torch.int32), spill.to(device, torch.int32))
+
+
 def unpack_int32(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of `pack_int32`: int32 [..., W] -> uint8 codes [..., length]."""
+    """Inverse of `pack_int32`: int32 [..., W] -> uint8 codes [..., length].
+
+    Vectorised over the codes of a chunk (one gather and a few shifts on int32, no Python loop
+    over codes): it runs in every forward and backward of E2E-QP.
+    """
     n_codes, n_words = _chunk(bits)
     if words.dtype != torch.int32:
         raise TypeError(f"unpack_int32 takes int32 words, got {words.dtype}")
@@ -73,15 +94,11 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
             f"{words.shape[-1]} words cannot hold exactly {length} codes of {bits} bits "
             f"(expected {packed_length(length, bits)})"
         )
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = w.reshape(*w.shape[:-1], -1, n_words)  # [..., chunks, n_words]
-    mask = (1 << bits) - 1
-    out = []
-    for j in range(n_codes):
-        word, shift = divmod(j * bits, 32)
-        v = w[..., word] >> shift
-        if shift + bits > 32:
-            v = v | (w[..., word + 1] << (32 - shift))
-        out.append(v & mask)
-    codes = torch.stack(out, dim=-1).reshape(*w.shape[:-2], -1)
+    word, shift, nxt, left, keep, spill = _unpack_plan(bits, words.device)
+    w = words.reshape(*words.shape[:-1], -1, n_words)  # [..., chunks, n_words]
+    # int32 right shifts sign-extend; `keep` drops those bits before anything is or-ed in
+    v = (w.index_select(-1, word) >> shift) & keep
+    if bits == 3:  # codes 10 and 21 of each chunk take their high bits from the next word
+        v = v | ((w.index_select(-1, nxt) << left) * spill)
+    codes = (v & ((1 << bits) - 1)).reshape(*w.shape[:-2], -1)
     return codes[..., :length].to(torch.uint8)

@@ -94,3 +94,26 @@ def plot_block_losses(blocks: list[dict[str, Any]], path: str | Path, title: str
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
+
+
+def plot_e2e_losses(log: list[dict[str, Any]], path: str | Path, title: str,
+                    val_before: float | None = None, val_after: float | None = None) -> None:
+    """E2E-QP: training loss per optimizer step, with the held-out loss before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] + 1 for r in log], [r["loss"] for r in log], marker="o", markersize=3, label="train loss (step)")
+    n = len(log)
+    if val_before is not None:
+        ax.axhline(val_before, color="tab:red", ls="--", label=f"held-out before {val_before:.3f}")
+    if val_after is not None:
+        ax.axhline(val_after, color="tab:green", ls="--", label=f"held-out after {val_after:.3f}")
+    ax.set_xlabel(f"optimizer step (of {n})")
+    ax.set_ylabel("next-token NLL (nats)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)

@@ -24,11 +24,14 @@ from eqat.model import load_model, model_size_bytes, parse_dtype
 from eqat.report import environment, plot_block_losses, plot_layer_errors, write_json
 from eqat.scheme import QuantScheme
 from eqat.train.blockap import BlockAPConfig
+from eqat.run_e2e import e2e_data_for, e2e_fingerprint, plot_e2e, run_e2e
+from eqat.train.e2e import E2EQPConfig
 
 METHODS = ("block-ap", "rtn")
 REPORT = "report.json"
 PLOT = "layer_error.png"
 BLOCK_PLOT = "block_loss.png"
+E2E_PLOT = "e2e_loss.png"
 RESUME = "resume"
 
 
@@ -60,19 +63,28 @@ class QuantizeOptions:
     eval: EvalOptions = field(default_factory=EvalOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     block_ap: BlockAPConfig = field(default_factory=BlockAPConfig)
+    skip_e2e: bool = False
+    e2e: E2EQPConfig = field(default_factory=E2EQPConfig)
     progress: bool = True
+
+    @property
+    def runs_e2e(self) -> bool:
+        return self.method == "block-ap" and not self.skip_e2e
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scheme"] = self.scheme.to_dict()
         if self.method != "block-ap":
             d.pop("calib"), d.pop("block_ap")
+        if not self.runs_e2e:
+            d.pop("e2e")
         return d
 
     def fingerprint(self, model_path: Path) -> dict[str, Any]:
-        """What determines the trained model: a resumed run must match it."""
+        """What determines the Block-AP model: a resumed run must match it (E2E-QP options
+        may change between a killed run and its resume; they have their own fingerprint)."""
         d = self.to_dict()
-        for k in ("out", "force", "evaluate", "eval", "progress", "model"):
+        for k in ("out", "force", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e"):
             d.pop(k, None)
         d["model_path"] = str(model_path)
         d["block_ap"].pop("offload", None)  # where activations live does not change the result
@@ -103,7 +115,7 @@ def load_any(path: Path, device: str = "cpu"):
     return model, tok, None
 
 
-def _prepare_output(out: Path, method: str, force: bool) -> bool:
+def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     """Apply the output-folder rules before any work. Returns True when resuming.
 
     A finished checkpoint is never replaced without --force; an unfinished Block-AP run in
@@ -111,11 +123,11 @@ def _prepare_output(out: Path, method: str, force: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise EqatInputError(f"--out {out} is a file; choose a folder path.")
-    unfinished = (out / RESUME / "state.json").is_file() and not is_eqat_checkpoint(out)
+    unfinished = (out / RESUME).is_dir() and any((out / RESUME).iterdir()) and not is_eqat_checkpoint(out)
     if out.exists() and force:
         shutil.rmtree(out)
         return False
-    if unfinished and method == "block-ap":
+    if unfinished and resumable:
         return True
     if out.exists() and (is_eqat_checkpoint(out) or any(out.iterdir())):
         what = "a finished eqat checkpoint" if is_eqat_checkpoint(out) else "a non-empty folder"
@@ -134,6 +146,8 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
         opts.block_ap.storage_dtype = str(storage).removeprefix("torch.")
         opts.block_ap.seed = opts.calib.seed
         opts.block_ap.check()
+        opts.e2e.seed = opts.calib.seed
+        opts.e2e.check()
     device = resolve_device(opts.device)
     model_path = resolve_model(opts.model)
     out = Path(opts.out) if opts.out else Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}"
@@ -150,7 +164,8 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
 
         c = opts.calib
         calib = calibration_windows(tokenizer, c.data, c.nsamples + opts.block_ap.val_samples, c.seqlen, c.seed)
-    resuming = _prepare_output(out, opts.method, opts.force)
+    e2e_data = e2e_data_for(tokenizer, opts.e2e) if opts.runs_e2e else None
+    resuming = _prepare_output(out, opts.method == "block-ap", opts.force)
     report: dict[str, Any] = {
         "command": "quantize",
         "options": opts.to_dict(),
@@ -174,6 +189,11 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     else:
         errors = _run_block_ap(model, opts, out, model_path, device, calib, report, resuming)
     report["quantize_seconds"] = time.perf_counter() - t_q
+    if opts.runs_e2e:
+        t_e = time.perf_counter()
+        fingerprint = {**opts.fingerprint(model_path), "e2e": e2e_fingerprint(opts.e2e)}
+        report["e2e_qp"] = run_e2e(model, opts.e2e, e2e_data, out / RESUME / "e2e", device, fingerprint, opts.progress)
+        report["e2e_seconds"] = time.perf_counter() - t_e
     report["layer_relative_error"] = errors
     report["quantized_size_bytes"] = model_size_bytes(model)
     if ids is not None:
@@ -186,8 +206,11 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
         plot_layer_errors(errors, folder / PLOT, f"{model_path.name} {opts.method} {opts.scheme.name}: weight error per layer")
         if report.get("blocks"):
             plot_block_losses(report["blocks"], folder / BLOCK_PLOT, f"{model_path.name} Block-AP {opts.scheme.name}")
+        if report.get("e2e_qp"):
+            plot_e2e(report["e2e_qp"], folder / E2E_PLOT, f"{model_path.name} E2E-QP {opts.scheme.name}")
 
-    provenance = {"method": opts.method, "base_model": str(model_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    method = "block-ap+e2e-qp" if opts.runs_e2e else opts.method
+    provenance = {"method": method, "base_model": str(model_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     # `out` may hold this run's resume state: it is replaced only now, by the finished checkpoint
     save_quantized(model, tokenizer, out, provenance=provenance, force=True, extra=extras)
     return report

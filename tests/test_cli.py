@@ -31,7 +31,7 @@ def text_file(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("command", ["quantize", "eval", "info"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "info", "train-e2e"])
 def test_help_has_examples(cli, command):
     code, out, _ = cli(command, "--help")
     assert code == 0 and "Examples" in out
@@ -106,7 +106,9 @@ def test_usage_error_exit_2(cli):
 
 
 BLOCK_AP_ARGS = ["--scheme", "w2g32", "--nsamples", "8", "--batch-size", "4", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "2",
-                 "--lr-weight", "1e-3", "--lr-quant", "1e-3", "--no-eval", "-q"]
+                 "--lr-weight", "1e-3", "--lr-quant", "1e-3", "--skip-e2e", "--no-eval", "-q"]
+E2E_ARGS = ["--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-epochs", "3",
+            "--e2e-batch-size", "2", "--e2e-grad-accum", "2", "--e2e-lr", "1e-2", "--e2e-save-every", "2"]
 
 
 def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
@@ -148,3 +150,82 @@ def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = cli("quantize", "--out", str(out), *args)
     assert code == 2 and "finished eqat checkpoint" in err
+
+
+def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir("llama")
+    common = ["--model", str(model), "--calib-data", str(text_file), "--e2e-data", str(text_file), *E2E_ARGS]
+    bap = [a for a in BLOCK_AP_ARGS if a != "--skip-e2e"]
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", "--out", str(out), *common, *bap)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    e2e = report["e2e_qp"]
+    assert e2e["steps"] == 6 and len(e2e["log"]) == 6 and e2e["trainable_params"] > 0
+    assert e2e["val_loss_before"] > 0 and e2e["val_loss_after"] > 0 and e2e["peak_memory"]["peak_bytes"] > 0
+    assert (out / "e2e_loss.png").is_file()
+    assert json.loads((out / "eqat_config.json").read_text())["provenance"]["method"] == "block-ap+e2e-qp"
+    # the same Block-AP without E2E-QP: identical integer codes, other scales
+    code, _, err = cli("quantize", "--out", str(tmp_path / "bap"), *common, *BLOCK_AP_ARGS)
+    assert code == 0, err
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "bap" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(("qweight", "zeros")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("scales"))
+
+
+def test_train_e2e_on_checkpoint_resumes_and_keeps_codes(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from eqat.train.e2e import E2EQPTrainer
+
+    model = tiny_model_dir("qwen2")
+    src = tmp_path / "rtn"
+    code, _, err = cli("quantize", "--model", str(model), "--method", "rtn", "--scheme", "w3g32", "--out", str(src),
+                       "--no-eval", "-q")
+    assert code == 0, err
+    args = ["--e2e-data", str(text_file), *E2E_ARGS, "--eval-data", str(text_file), "--seqlen", "32",
+            "--max-windows", "2", "-q"]
+    code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "ref"), *args)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ref" / "report.json").read_text())
+    assert report["perplexity"]["ppl"] > 1 and report["perplexity_before"]["ppl"] > 1
+
+    original = E2EQPTrainer._step_batches
+
+    def killed_at_4(self, step, n):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step, n)
+
+    monkeypatch.setattr(E2EQPTrainer, "_step_batches", killed_at_4)
+    out = tmp_path / "run"
+    code, _, _ = cli("train-e2e", str(src), "--out", str(out), *args)
+    assert code == 130 and not (out / "eqat_config.json").exists()
+    monkeypatch.setattr(E2EQPTrainer, "_step_batches", original)
+    code, _, err = cli("train-e2e", str(src), "--out", str(out), *args[:-1], "--e2e-lr", "1e-3", "-q")
+    assert code == 2 and "other settings" in err
+    code, _, err = cli("train-e2e", str(src), "--out", str(out), *args)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["e2e_qp"]["resumed_at"] == 4
+    ref, got, before = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "ref", out, src))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert all(torch.equal(before[k], got[k]) for k in got if not k.endswith("scales"))
+    meta = json.loads((out / "eqat_config.json").read_text())
+    assert meta["provenance"]["method"] == "rtn+e2e-qp" and meta["provenance"]["parent_checkpoint"] == str(src)
+
+
+def test_train_e2e_bad_input(cli, tiny_model_dir, tmp_path, text_file):
+    model = tiny_model_dir("llama")
+    code, _, err = cli("train-e2e", str(model), "--out", str(tmp_path / "o"), "-q")
+    assert code == 2 and "not an eqat checkpoint" in err and not (tmp_path / "o").exists()
+    src = tmp_path / "rtn"
+    assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(src), "--no-eval", "-q")[0] == 0
+    code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "o"), "--e2e-data", str(tmp_path / "nope.txt"), "-q")
+    assert code == 2 and "nope.txt" in err and not (tmp_path / "o").exists()
+    code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "o"), "--e2e-nsamples", "2", "-q")
+    assert code == 2 and "--e2e-nsamples" in err and not (tmp_path / "o").exists()
+    code, _, err = cli("quantize", "--model", str(model), "--out", str(tmp_path / "o"), "--e2e-data",
+                       str(tmp_path / "nope.txt"), "--no-eval", "-q")
+    assert code == 2 and "nope.txt" in err and not (tmp_path / "o").exists()
