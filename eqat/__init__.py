@@ -20,6 +20,10 @@ _LAZY = {
     "save_quantized": "eqat.checkpoint",
     "load_quantized": "eqat.checkpoint",
     "perplexity": "eqat.evaluate",
+    "BlockAPConfig": "eqat.train.blockap",
+    "BlockAPTrainer": "eqat.train.blockap",
+    "E2EQPConfig": "eqat.train.e2e",
+    "E2EQPTrainer": "eqat.train.e2e",
 }
 
 __all__ = ["__version__", "QuantScheme", "EqatError", "EqatInputError", *_LAZY]

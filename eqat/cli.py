@@ -35,7 +35,7 @@ E2E_VAL = typer.Option(_E2E.val_samples, "--e2e-val-samples", help="Held-out seq
 E2E_SEQLEN = typer.Option(_E2E.seqlen, "--e2e-seqlen", help="E2E-QP sequence length in tokens.")
 E2E_EPOCHS = typer.Option(_E2E.epochs, "--e2e-epochs", help="Epochs over the E2E-QP sequences.")
 E2E_STEPS = typer.Option(None, "--e2e-steps", help="Optimizer steps (overrides --e2e-epochs).")
-E2E_LR = typer.Option(None, "--e2e-lr", help="Learning rate of the scales; default 2e-4 at 2 bits, 1e-4 at 3/4/8 (docs/e2e-qp.md).")
+E2E_LR = typer.Option(None, "--e2e-lr", help="Learning rate of the scales; default 1e-3 at 2 bits, 5e-4 at 3/4/8 (docs/e2e-qp.md).")
 E2E_BATCH = typer.Option(_E2E.batch_size, "--e2e-batch-size", help="Sequences per forward pass.")
 E2E_ACCUM = typer.Option(_E2E.grad_accum, "--e2e-grad-accum", help="Forward passes per optimizer step.")
 E2E_SCHED = typer.Option(_E2E.schedule, "--e2e-schedule", help="Learning-rate schedule after warm-up: cosine or constant.")

@@ -167,6 +167,28 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
     assert e2e["val_loss_before"] > 0 and e2e["val_loss_after"] > 0 and e2e["peak_memory"]["peak_bytes"] > 0
     assert (out / "e2e_loss.png").is_file()
     assert json.loads((out / "eqat_config.json").read_text())["provenance"]["method"] == "block-ap+e2e-qp"
+    # killed during E2E-QP, then re-run: Block-AP is not redone, E2E-QP resumes, same model
+    from eqat.train.blockap import BlockAPTrainer
+    from eqat.train.e2e import E2EQPTrainer
+
+    original = E2EQPTrainer._step_batches
+
+    def killed_at_3(self, step, n):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step, n)
+
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E2EQPTrainer, "_step_batches", killed_at_3)
+        assert cli("quantize", "--out", str(run), *common, *bap)[0] == 130
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BlockAPTrainer, "_train", lambda *a, **k: pytest.fail("Block-AP re-trained a finished block"))
+        code, _, err = cli("quantize", "--out", str(run), *common, *bap)
+    assert code == 0, err
+    assert json.loads((run / "report.json").read_text())["e2e_qp"]["resumed_at"] == 2
+    r, o = load_file(str(run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(r[k], o[k]) for k in o)
     # the same Block-AP without E2E-QP: identical integer codes, other scales
     code, _, err = cli("quantize", "--out", str(tmp_path / "bap"), *common, *BLOCK_AP_ARGS)
     assert code == 0, err

@@ -67,7 +67,7 @@ class E2EQPConfig:
     def lr_for(self, bits: int) -> float:
         if self.lr is not None:
             return self.lr
-        return 2e-4 if bits <= 2 else 1e-4
+        return 1e-3 if bits <= 2 else 5e-4
 
     def check(self) -> None:
         if self.nsamples < 1 or self.val_samples < 0 or self.seqlen < 2:

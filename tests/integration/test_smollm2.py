@@ -99,3 +99,23 @@ def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
     for r in records:
         assert r.final_loss < 0.8 * r.init_loss, r
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+
+def test_e2e_qp_on_real_model_lowers_heldout_loss_and_keeps_codes(smol, tmp_path):
+    """E2E-QP on the whole real SmolLM2 at RTN w2g64, a few short steps: the held-out C4 loss
+    falls and only the scales change (the full-budget figures are in benchmarks/results)."""
+    from eqat.train.e2e import E2EQPConfig, E2EQPTrainer
+    from eqat.train.e2e_data import e2e_examples
+
+    path, tok, _ = smol
+    model, _ = load_model(path)
+    quantize_rtn(model, QuantScheme(2, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = E2EQPConfig(nsamples=4, val_samples=2, seqlen=128, max_steps=4, batch_size=1, grad_accum=1, lr=1e-3,
+                      warmup_ratio=0.0, schedule="constant")
+    train, val = e2e_examples(tok, "c4", cfg.nsamples, cfg.val_samples, cfg.seqlen, seed=0)
+    res = E2EQPTrainer(model, cfg, tmp_path / "s", progress=False).run(train, val)
+    assert res.val_loss_after < res.val_loss_before - 0.1, (res.val_loss_before, res.val_loss_after)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(".scales"))
+    assert res.trainable_params == sum(v.numel() for k, v in before.items() if k.endswith(".scales"))
