@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from eqat.checkpoint import quantized_modules
 from eqat.errors import EqatError, EqatInputError
 from eqat.memory import PeakMemory
+from eqat.quantizer import SCALE_MAX, SCALE_MIN
 from eqat.train.e2e_data import IGNORE, E2EData
 
 STATE = "e2e_state.pt"
@@ -185,6 +186,13 @@ class E2EQPTrainer:
                 params.append(m.zeros)
         return params
 
+    @torch.no_grad()
+    def _clamp_scales(self) -> None:
+        """Adam moves every scale by up to ~lr per step whatever its size, so a small one could
+        cross zero and flip its group's sign: keep scales in [SCALE_MIN, SCALE_MAX]."""
+        for m in self.qmods.values():
+            m.scales.clamp_(SCALE_MIN, SCALE_MAX)
+
     def _finalize(self) -> None:
         for m in self.qmods.values():
             m.scales = nn.Parameter(m.scales.detach().to(self.storage), requires_grad=False)
@@ -269,6 +277,7 @@ class E2EQPTrainer:
                     raise EqatError(f"E2E-QP loss became {loss_sum} at step {step}; lower --e2e-lr.")
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                 opt.step()
+                self._clamp_scales()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 seconds += time.perf_counter() - t

@@ -123,3 +123,14 @@ def test_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda(100, 3, "cosine")
     assert [round(f(i), 3) for i in range(3)] == [0.333, 0.667, 1.0]
     assert f(3) == 1.0 and f(50) < 0.6 and f(99) < 0.01
+
+
+def test_scales_stay_positive_under_a_huge_learning_rate(tmp_path):
+    from eqat.quantizer import SCALE_MIN
+
+    model = qmodel()
+    d = data()
+    E2EQPTrainer(model, cfg(lr=10.0, max_grad_norm=0), tmp_path / "s", progress=False).run(d.rows(slice(0, 8)), d.rows(slice(8, 12)))
+    scales = [v for k, v in model.state_dict().items() if k.endswith(".scales")]
+    assert all(float(s.float().min()) >= SCALE_MIN * 0.99 for s in scales)
+    assert any(float(s.float().min()) < 2 * SCALE_MIN for s in scales)  # the floor was reached and held
