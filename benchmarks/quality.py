@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,8 +41,10 @@ GPTQ_CONCAT = 4
 
 
 def run_gptq(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir: Path) -> tuple[torch.nn.Module, dict]:
+    """GPTQModel quantization, saved in `workdir` (a finished one is reused), then its own
+    dequantized weights in float32 for evaluation."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     # everything in memory, as eqat does (GPTQModel's default offloads finished layers to disk)
     qc = QuantizeConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, desc_act=False,
@@ -51,15 +53,25 @@ def run_gptq(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir
     # 64 rows here, and what GPTQ uses (the Hessian X^T X of each layer) depends on the tokens,
     # not on how they are grouped into rows, up to the attention context of each token.
     rows = calib.reshape(-1, GPTQ_CONCAT * calib.shape[1]) if calib.shape[0] % GPTQ_CONCAT == 0 else calib
-    data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in rows]
-    t = time.perf_counter()
-    # float32 like every other method here (GPTQModel picks bf16 on CPU, which AVX2 runs ~3x slower)
-    m = GPTQModel.load(str(model_path), qc, device="cpu", dtype=torch.float32)
-    m.quantize(data, batch_size=1)
-    seconds = time.perf_counter() - t
-    m.save(str(workdir / "gptq"))
-    # GPTQModel's CPU kernel runs fp16/bf16 only; evaluate its own dequantized weights in fp32
-    loaded = GPTQModel.load(str(workdir / "gptq"), device="cpu", dtype=torch.float16).model.eval()
+    out = workdir / f"gptq-{scheme.name}-{calib.shape[0]}x{calib.shape[1]}"
+    timing = out / "bench_seconds.json"
+    if not timing.is_file():
+        data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in rows]
+        t = time.perf_counter()
+        # float32 like every other method here (GPTQModel picks bf16 on CPU, which AVX2 runs ~3x slower)
+        m = GPTQModel.load(str(model_path), qc, device="cpu", dtype=torch.float32)
+        m.quantize(data, batch_size=1)
+        seconds = time.perf_counter() - t
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.save(str(tmp))
+        write_json(tmp / timing.name, {"method_seconds": seconds})
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
+        tmp.replace(out)
+    seconds = json.loads(timing.read_text())["method_seconds"]
+    # GPTQModel's CPU kernels run fp16/bf16 only; evaluate its own dequantized weights in fp32.
+    # TorchLinear (GPTQ_TORCH) dequantizes on CPU; the auto-picked TorchAtenLinear fails to at 4 bits.
+    loaded = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.GPTQ_TORCH).model.eval()
     max_diff = dequantize_gptq_model(loaded)
     cfg = {k: str(getattr(qc, k)) for k in ("bits", "group_size", "sym", "desc_act", "damp_percent", "act_group_aware",
                                             "offload_to_disk")}
@@ -147,9 +159,8 @@ def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib:
         return run_block_ap(model_path, scheme, calib, config, workdir)
     if method == "block-ap+e2e":
         return run_block_ap_e2e(model_path, scheme, calib, config, workdir)
-    with tempfile.TemporaryDirectory(prefix="eqat-bench-") as tmp:
-        if method == "gptq":
-            return run_gptq(model_path, scheme, calib, Path(tmp))
+    if method == "gptq":
+        return run_gptq(model_path, scheme, calib, workdir)
     model, _ = load_model(model_path)
     t = time.perf_counter()
     if method == "rtn":
