@@ -119,7 +119,8 @@ def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     """Apply the output-folder rules before any work. Returns True when resuming.
 
     A finished checkpoint is never replaced without --force; an unfinished resumable run
-    (Block-AP and/or E2E-QP state in `out/resume/`) is resumed when `resumable`; any other existing folder is left alone unless --force.
+    (Block-AP and/or E2E-QP state in `out/resume/`) is resumed when `resumable`; any other
+    existing folder is left alone unless --force.
     """
     if out.exists() and not out.is_dir():
         raise EqatInputError(f"--out {out} is a file; choose a folder path.")
