@@ -65,3 +65,18 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
         return path
 
     return make
+
+
+def e2e_killed_at(step: int):
+    """A stand-in for `E2EQPTrainer._step_batches` that raises KeyboardInterrupt (a kill) when
+    optimizer step `step` begins; call it before patching."""
+    from eqat.train.e2e import E2EQPTrainer
+
+    original = E2EQPTrainer._step_batches
+
+    def killed(self, s, n):
+        if s == step:
+            raise KeyboardInterrupt
+        return original(self, s, n)
+
+    return killed

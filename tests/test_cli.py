@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from eqat.cli import main
+from tests.conftest import e2e_killed_at
 
 
 @pytest.fixture
@@ -171,16 +172,9 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
     from eqat.train.blockap import BlockAPTrainer
     from eqat.train.e2e import E2EQPTrainer
 
-    original = E2EQPTrainer._step_batches
-
-    def killed_at_3(self, step, n):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, n)
-
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(E2EQPTrainer, "_step_batches", killed_at_3)
+        mp.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(3))
         assert cli("quantize", "--out", str(run), *common, *bap)[0] == 130
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BlockAPTrainer, "_train", lambda *a, **k: pytest.fail("Block-AP re-trained a finished block"))
@@ -215,13 +209,7 @@ def test_train_e2e_on_checkpoint_resumes_and_keeps_codes(cli, tiny_model_dir, tm
     assert report["perplexity"]["ppl"] > 1 and report["perplexity_before"]["ppl"] > 1
 
     original = E2EQPTrainer._step_batches
-
-    def killed_at_4(self, step, n):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(self, step, n)
-
-    monkeypatch.setattr(E2EQPTrainer, "_step_batches", killed_at_4)
+    monkeypatch.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(4))
     out = tmp_path / "run"
     code, _, _ = cli("train-e2e", str(src), "--out", str(out), *args)
     assert code == 130 and not (out / "eqat_config.json").exists()

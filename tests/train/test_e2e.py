@@ -8,7 +8,7 @@ from eqat.scheme import QuantScheme
 from eqat.train.e2e import E2EQPConfig, E2EQPTrainer, lr_lambda
 from eqat.train.e2e_data import E2EData
 from eqat.train.rtn import quantize_rtn
-from tests.conftest import tiny_model
+from tests.conftest import e2e_killed_at, tiny_model
 
 SCHEME = QuantScheme(2, 32)
 
@@ -75,13 +75,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     E2EQPTrainer(ref, cfg(), tmp_path / "ref", progress=False).run(train, val)
 
     original = E2EQPTrainer._step_batches
-
-    def killed_at_3(self, step, n):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, n)
-
-    monkeypatch.setattr(E2EQPTrainer, "_step_batches", killed_at_3)
+    monkeypatch.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(3))
     with pytest.raises(KeyboardInterrupt):
         E2EQPTrainer(qmodel(), cfg(), tmp_path / "run", progress=False).run(train, val)
     monkeypatch.setattr(E2EQPTrainer, "_step_batches", original)
