@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqat.kernels.reference import PackedLinearFunction, quant_linear_torch
+from eqat.kernels.reference import PackedLinearFunction, TorchOps, quant_linear_torch
 from eqat.packing import pack_int32
 from eqat.quantizer import dequantize_codes
 
@@ -38,7 +38,7 @@ def test_gradients_match_dense_autograd(bits, n, k, group, bias):
 
     leaves2 = [t.clone().requires_grad_() if t is not None else None for t in (x, scales, zeros, b)]
     xp, sp, zp, bp = leaves2
-    out = PackedLinearFunction.apply(xp, qweight, sp, zp, bp, bits, k)
+    out = PackedLinearFunction.apply(xp, qweight, sp, zp, bp, bits, k, TorchOps)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(_grads(out, leaves2), ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -70,7 +70,7 @@ def test_trained_zeros_round_straight_through():
     """A fractional zero-point acts as its rounded value; its gradient passes straight through."""
     codes, qweight, scales, zeros, _, x = _case(3, 4, 64, 32, False)
     z = (zeros + 0.3).requires_grad_()
-    out = PackedLinearFunction.apply(x, qweight, scales, z, None, 3, 64)
+    out = PackedLinearFunction.apply(x, qweight, scales, z, None, 3, 64, TorchOps)
     torch.testing.assert_close(out, F.linear(x, dequantize_codes(codes, scales, zeros)))
     (gz,) = _grads(out, [z])
     zr = zeros.clone().requires_grad_()
