@@ -85,8 +85,12 @@ class QuantLinear(nn.Module):
         return dequantize_packed(self.qweight, self.scales, self.zeros, self.scheme.bits, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = select_backend(x.device, self.scheme.bits)
-        return backend.fn(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme.bits, self.in_features)
+        """x [..., in_features] -> [..., out_features] in x's dtype, on the backend
+        `eqat.kernels.select_backend` picks (EQAT_KERNEL overrides)."""
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.scales, self.zeros, self.bias))
+        group = self.scheme.group_size_for(self.in_features)
+        return select_backend(x.device, self.scheme.bits, group, x.dtype, needs_grad).forward(self, x)
 
     def extra_repr(self) -> str:
         return (

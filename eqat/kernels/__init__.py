@@ -1,46 +1,64 @@
-"""Kernel backends for `y = x @ dequant(W)^T`, chosen per call.
+"""Kernel backends for `y = x @ dequant(W)^T`, chosen per call by `select_backend`.
 
-Each backend declares what it serves as data (`KernelBackend.supports`) so a refusal can say
-why. Today eqat ships the torch reference; the Triton and BitBLAS paths plug in here.
-`EQAT_KERNEL=<name>` forces a backend; an unknown or unavailable one is a clear error.
+    triton   eqat's Triton kernels (GEMV for M <= 16, tiled GEMM, E2E-QP backward); CUDA, or
+             CPU under TRITON_INTERPRET=1 (tests only). Picked automatically on CUDA.
+    bitblas  BitBLAS (optional extra, CUDA, 2/4-bit, float16), inference only; used only when
+             asked for (EQAT_KERNEL=bitblas), weights transformed into its layout once per layer.
+    torch    the plain-torch reference: unpack, dequantize, F.linear. Runs everywhere.
+
+Each backend states what it serves through `why_not(device, bits, group, dtype)`, so a refusal
+says why. `EQAT_KERNEL=torch|triton|bitblas` forces one; one that cannot serve the call is a
+clear error, never a silent fallback.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from eqat.errors import EqatInputError
-from eqat.kernels.reference import dequantize_packed, quant_linear_torch
+from eqat.kernels.bitblas_backend import bitblas_forward, bitblas_why_not
+from eqat.kernels.reference import TorchOps, dequantize_packed, packed_linear, quant_linear_torch
+from eqat.kernels.triton_ops import TritonOps, triton_why_not
+
+
+def _torch_why_not(device: torch.device, bits: int, group: int, dtype: torch.dtype) -> str | None:
+    return None if bits in (2, 3, 4, 8) else f"kernel 'torch' serves bits 2/3/4/8, not {bits}"
+
+
+def _layer_forward(ops: type) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    def forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, layer.qweight, layer.scales, layer.zeros, layer.bias,
+                             layer.scheme.bits, layer.in_features, ops)
+
+    return forward
 
 
 @dataclass(frozen=True)
 class KernelBackend:
     name: str
-    fn: Callable[..., torch.Tensor]
-    devices: tuple[str, ...]
-    bits: tuple[int, ...]
-    install_hint: str = ""
-
-    def why_not(self, device: torch.device, bits: int) -> str | None:
-        """None if this backend serves (device, bits), else the reason it does not."""
-        if device.type not in self.devices:
-            return f"kernel '{self.name}' runs on {'/'.join(self.devices)}, not {device.type}"
-        if bits not in self.bits:
-            return f"kernel '{self.name}' serves bits {self.bits}, not {bits}"
-        return None
+    forward: Callable[[Any, torch.Tensor], torch.Tensor]  # (QuantLinear, x [..., K]) -> y [..., N]
+    why_not: Callable[[torch.device, int, int, torch.dtype], str | None]
+    auto_devices: tuple[str, ...]  # device types on which it is picked without EQAT_KERNEL
+    trains: bool = True  # has a backward (E2E-QP)
 
 
 BACKENDS: dict[str, KernelBackend] = {
-    "torch": KernelBackend("torch", quant_linear_torch, devices=("cpu", "cuda", "mps", "xpu"), bits=(2, 3, 4, 8)),
+    "triton": KernelBackend("triton", _layer_forward(TritonOps), triton_why_not, auto_devices=("cuda",)),
+    "bitblas": KernelBackend("bitblas", bitblas_forward, bitblas_why_not, auto_devices=(), trains=False),
+    "torch": KernelBackend("torch", _layer_forward(TorchOps), _torch_why_not, auto_devices=("cpu", "cuda", "mps", "xpu")),
 }
 
 
-def select_backend(device: torch.device, bits: int) -> KernelBackend:
-    """The backend for this call: `EQAT_KERNEL` if set, else the first that serves it."""
+def select_backend(device: torch.device, bits: int, group: int, dtype: torch.dtype,
+                   needs_grad: bool = False) -> KernelBackend:
+    """The backend for this call: `EQAT_KERNEL` if set, else the first that serves it.
+
+    group: the layer's effective group size (in_features when per-channel).
+    """
     forced = os.environ.get("EQAT_KERNEL", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -48,14 +66,18 @@ def select_backend(device: torch.device, bits: int) -> KernelBackend:
                 f"EQAT_KERNEL={forced!r} is not a kernel backend of this eqat build; "
                 f"available: {', '.join(BACKENDS)}. Unset EQAT_KERNEL or pick one of those."
             )
-        reason = BACKENDS[forced].why_not(device, bits)
+        backend = BACKENDS[forced]
+        reason = backend.why_not(device, bits, group, dtype)
+        if reason is None and needs_grad and not backend.trains:
+            reason = f"kernel '{forced}' is inference-only and has no backward for E2E-QP"
         if reason:
             raise EqatInputError(f"EQAT_KERNEL={forced}: {reason}. Unset EQAT_KERNEL to pick automatically.")
-        return BACKENDS[forced]
+        return backend
     for backend in BACKENDS.values():
-        if backend.why_not(device, bits) is None:
+        if (device.type in backend.auto_devices and (backend.trains or not needs_grad)
+                and backend.why_not(device, bits, group, dtype) is None):
             return backend
-    raise EqatInputError(f"no kernel backend serves {bits}-bit weights on {device.type}")
+    raise EqatInputError(f"no kernel backend serves {bits}-bit weights with {dtype} activations on {device.type}")
 
 
-__all__ = ["BACKENDS", "KernelBackend", "select_backend", "dequantize_packed", "quant_linear_torch"]
+__all__ = ["BACKENDS", "KernelBackend", "select_backend", "dequantize_packed", "packed_linear", "quant_linear_torch"]
