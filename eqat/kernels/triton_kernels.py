@@ -20,9 +20,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _centered_tile(qw_ptr, z_ptr, offs_n, offs_k, N, K, W, G,
-                   BITS: tl.constexpr, GROUP: tl.constexpr):
-    """(q - z) as float32 [BLOCK_N, BLOCK_K] (0 outside [N, K])."""
+def _group_param(ptr, offs_n, k0, N, K, G, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A per-group scale or zero-point for the tile at k0, as float32: one value per row,
+    [BLOCK_N, 1], when the tile lies inside one group (GROUP a multiple of BLOCK_K; tiles start
+    at multiples of BLOCK_K), else gathered per element, [BLOCK_N, BLOCK_K]."""
+    if GROUP % BLOCK_K == 0:  # a static branch: one return, whose shape depends on it
+        # a tile past K (a split-K remainder) reads the last group; _centered_tile zeroes it
+        v = tl.load(ptr + offs_n * G + tl.minimum(k0 // GROUP, G - 1), mask=offs_n < N, other=0.0)[:, None]
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        v = tl.load(ptr + offs_n[:, None] * G + (offs_k // GROUP)[None, :], mask=mask, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _centered_tile(qw_ptr, z_ptr, offs_n, k0, N, K, W, G,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(q - z) as float32 [BLOCK_N, BLOCK_K] for columns k0 .. k0 + BLOCK_K (0 outside [N, K])."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     bit = offs_k * BITS
     word = bit // 32
@@ -38,17 +54,15 @@ def _centered_tile(qw_ptr, z_ptr, offs_n, offs_k, N, K, W, G,
         low = (w0 >> shift) & tl.where(spill, (1 << low_bits) - 1, (1 << BITS) - 1)
         high = tl.where(spill, w1 << tl.where(spill, 32 - shift, 0), 0)
         code = (low | high) & ((1 << BITS) - 1)
-    z = tl.load(z_ptr + offs_n[:, None] * G + (offs_k // GROUP)[None, :], mask=mask, other=0.0)
-    return code.to(tl.float32) - z.to(tl.float32)
+    return tl.where(mask, code.to(tl.float32) - _group_param(z_ptr, offs_n, k0, N, K, G, GROUP, BLOCK_K), 0.0)
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, W, G,
-                  BITS: tl.constexpr, GROUP: tl.constexpr):
-    """W_hat = (q - z) * s as float32 [BLOCK_N, BLOCK_K] (0 outside [N, K])."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    s = tl.load(s_ptr + offs_n[:, None] * G + (offs_k // GROUP)[None, :], mask=mask, other=0.0)
-    return _centered_tile(qw_ptr, z_ptr, offs_n, offs_k, N, K, W, G, BITS, GROUP) * s.to(tl.float32)
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, W, G,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W_hat = (q - z) * s as float32 [BLOCK_N, BLOCK_K] for columns k0 .. k0 + BLOCK_K."""
+    s = _group_param(s_ptr, offs_n, k0, N, K, G, GROUP, BLOCK_K)
+    return _centered_tile(qw_ptr, z_ptr, offs_n, k0, N, K, W, G, BITS, GROUP, BLOCK_K) * s
 
 
 @triton.jit
@@ -90,7 +104,7 @@ def quant_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, W, G, BITS, GROUP)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, W, G, BITS, GROUP, BLOCK_K)
         acc += _dot(x, tl.trans(w.to(x.dtype)), DOT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -106,8 +120,8 @@ def quant_gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Decode path (M <= 16): acc[M, N] (float32, zeroed when SPLIT_K > 1) += x @ W_hat^T over
-    this program's share of K. Split-K spreads a skinny product over more programs; a weight is read once.
+    """Decode path (M <= 16, BLOCK_M = 1 or 16): acc[M, N] (float32, zeroed when SPLIT_K > 1)
+    += x @ W_hat^T over this program's share of K. Split-K spreads a skinny product over more programs; a weight is read once.
     Bias and the cast to the activations' dtype are left to the caller."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -116,15 +130,15 @@ def quant_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
-    for k0 in range(0, k_per_split, BLOCK_K):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, W, G, BITS, GROUP)
-        if BLOCK_M >= 16:  # 9..16 rows: tensor cores
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, W, G, BITS, GROUP, BLOCK_K)
+        if BLOCK_M == 1:  # one row: a multiply and a sum over K on CUDA cores
+            acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
+        else:  # 2..16 rows, padded to a 16-row tensor-core tile (the weight read dominates)
             acc += _dot(x, tl.trans(w.to(x.dtype)), DOT)
-        else:  # 1..8 rows: [BLOCK_M, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K] summed over K, no padding of M
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
@@ -151,7 +165,7 @@ def quant_grad_input_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         gy = tl.load(gy_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, W, G, BITS, GROUP)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, pid_k * BLOCK_K, N, K, W, G, BITS, GROUP, BLOCK_K)
         acc += _dot(gy, w.to(gy.dtype), DOT)
     tl.store(gx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
              acc.to(gx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -181,7 +195,7 @@ def quant_grad_scales_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc += _dot(gy_t, x.to(gy_t.dtype), DOT)
-    q_minus_z = _centered_tile(qw_ptr, z_ptr, offs_n, offs_k, N, K, W, G, BITS, GROUP)
+    q_minus_z = _centered_tile(qw_ptr, z_ptr, offs_n, pid_k * BLOCK_K, N, K, W, G, BITS, GROUP, BLOCK_K)
     mask_n = offs_n < N
     tl.store(ps_ptr + offs_n * T + pid_k, tl.sum(acc * q_minus_z, axis=1), mask=mask_n)
     tl.store(pz_ptr + offs_n * T + pid_k, tl.sum(acc, axis=1), mask=mask_n)

@@ -58,10 +58,32 @@ def triton_why_not(device: torch.device, bits: int, group: int, dtype: torch.dty
     return None
 
 
-def _configs(space: list[dict], warps: int = 4, stages: int = 3) -> list:
+# Autotuning candidates on CUDA (tile sizes, warps, pipeline stages). Each compiles for sm_80
+# and sm_90 within their shared memory (tests/kernels/test_triton_compile.py checks).
+TUNING: dict[str, list[dict]] = {
+    "matmul": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=st)
+               for bm, bn, bk, w, st in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                                         (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 3)]],
+    "gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, warps=w)
+             for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (32, 256, 2, 4), (64, 64, 4, 4),
+                                   (32, 128, 4, 4), (16, 256, 8, 2), (64, 128, 8, 4), (128, 64, 2, 4)]],
+    "grad_input": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, warps=w, stages=st)
+                   for bm, bn, bk, w, st in [(128, 64, 64, 8, 3), (128, 32, 64, 4, 4), (64, 64, 64, 4, 4),
+                                             (64, 32, 128, 4, 3)]],
+    "grad_scales": [dict(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st)
+                    for bm, bn, w, st in [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3)]],
+}
+
+
+def _configs(space: list[dict]) -> list:
+    """triton.Config objects from dicts of tile sizes plus `warps` and optional `stages`."""
     import triton
 
-    return [triton.Config(c, num_warps=c.pop("warps", warps), num_stages=c.pop("stages", stages)) for c in space]
+    configs = []
+    for c in space:
+        tiles = {key: v for key, v in c.items() if key not in ("warps", "stages")}
+        configs.append(triton.Config(tiles, num_warps=c["warps"], num_stages=c.get("stages", 3)))
+    return configs
 
 
 @lru_cache(maxsize=None)
@@ -75,23 +97,13 @@ def kernels() -> SimpleNamespace:
         return SimpleNamespace(matmul=k.quant_matmul_kernel, gemv=k.quant_gemv_kernel,
                                grad_input=k.quant_grad_input_kernel, grad_scales=k.quant_grad_scales_kernel,
                                tuned=False)
-    mm = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
-          for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-                                   (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 3)]]
-    gemv = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, warps=w)
-            for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (32, 256, 2, 4), (64, 64, 4, 4),
-                                  (32, 128, 4, 4), (16, 256, 8, 2), (64, 128, 8, 4), (128, 64, 2, 4)]]
-    gx = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, warps=w, stages=s)
-          for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (128, 32, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 128, 4, 3)]]
-    gs = [dict(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=s)
-          for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3)]]
     key = ["M_BUCKET", "N", "K", "BITS", "GROUP"]
     return SimpleNamespace(
-        matmul=triton.autotune(_configs(mm), key=key)(k.quant_matmul_kernel),
-        gemv=triton.autotune(_configs(gemv), key=["M", "N", "K", "BITS", "GROUP"], reset_to_zero=["acc_ptr"])(
-            k.quant_gemv_kernel),
-        grad_input=triton.autotune(_configs(gx), key=key)(k.quant_grad_input_kernel),
-        grad_scales=triton.autotune(_configs(gs), key=key)(k.quant_grad_scales_kernel),
+        matmul=triton.autotune(_configs(TUNING["matmul"]), key=key)(k.quant_matmul_kernel),
+        gemv=triton.autotune(_configs(TUNING["gemv"]), key=["M", "N", "K", "BITS", "GROUP"],
+                             reset_to_zero=["acc_ptr"])(k.quant_gemv_kernel),
+        grad_input=triton.autotune(_configs(TUNING["grad_input"]), key=key)(k.quant_grad_input_kernel),
+        grad_scales=triton.autotune(_configs(TUNING["grad_scales"]), key=key)(k.quant_grad_scales_kernel),
         tuned=True,
     )
 
@@ -129,6 +141,7 @@ class TritonOps:
         """x [M, K] -> y [M, N] in x's dtype. zeros: float32 [N, G], integer-valued."""
         ks = kernels()
         m = x.shape[0]
+        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
         n, k, words, groups = _shape(qweight, scales, in_features)
         group = k // groups
         if m == 0:
@@ -141,7 +154,7 @@ class TritonOps:
                 return (triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
             ks.gemv[grid](x, qweight, scales, zeros, acc, m, n, k, words, groups, x.stride(0), x.stride(1),
-                          BITS=bits, GROUP=group, DOT=_dot_mode(x.dtype), BLOCK_M=1 << (m - 1).bit_length(), **fixed)
+                          BITS=bits, GROUP=group, DOT=_dot_mode(x.dtype), BLOCK_M=1 if m == 1 else 16, **fixed)
             if bias is not None:
                 acc += bias.float()
             return acc.to(x.dtype)
@@ -162,6 +175,7 @@ class TritonOps:
         """dL/dy [M, N] -> dL/dx [M, K] in dL/dy's dtype."""
         ks = kernels()
         m = grad_y.shape[0]
+        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
         n, k, words, groups = _shape(qweight, scales, in_features)
         gx = torch.empty(m, k, device=grad_y.device, dtype=grad_y.dtype)
 
@@ -180,6 +194,7 @@ class TritonOps:
         """(sum_k G (q - z), sum_k G) per group, both float32 [N, G], with G = dL/dy^T @ x."""
         ks = kernels()
         m = grad_y.shape[0]
+        qweight, zeros = qweight.contiguous(), zeros.contiguous()
         n, k, words, groups = _shape(qweight, zeros, in_features)
         group = k // groups
         block_k = scale_grad_block_k(group)

@@ -58,7 +58,9 @@ def _oracle_forward(x, qweight, scales, zeros, bias, bits, k):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("m,n,k,group,bias", SHAPES)
+# forward only, also: GEMV per-channel (one scale per tile row; a split-K tile that starts past K)
+# and 5 rows (GEMV padded to a dot tile, whole-group tiles)
+@pytest.mark.parametrize("m,n,k,group,bias", SHAPES + [(1, 24, 576, 576, False), (5, 24, 128, 64, True)])
 def test_forward_matches_reference(bits, m, n, k, group, bias, dtype):
     qweight, scales, zeros, b = _layer(bits, n, k, group, bias, dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
