@@ -20,6 +20,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_2d(ptr, offs_r, offs_c, stride_r, stride_c, R, C):
+    """The tile ptr[offs_r, offs_c] (0 outside [R, C])."""
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+
+
+@triton.jit
 def _group_param(ptr, offs_n, k0, N, K, G, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """A per-group scale or zero-point for the tile at k0, as float32: one value per row,
     [BLOCK_N, 1], when the tile lies inside one group (GROUP a multiple of BLOCK_K; tiles start
@@ -102,8 +109,7 @@ def quant_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        x = _load_2d(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, W, G, BITS, GROUP, BLOCK_K)
         acc += _dot(x, tl.trans(w.to(x.dtype)), DOT)
     if HAS_BIAS:
@@ -132,8 +138,7 @@ def quant_gemv_kernel(
     k_start = pid_k * k_per_split
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        x = _load_2d(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, W, G, BITS, GROUP, BLOCK_K)
         if BLOCK_M == 1:  # one row: a multiply and a sum over K on CUDA cores
             acc += tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
@@ -163,8 +168,7 @@ def quant_grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        gy = _load_2d(gy_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, pid_k * BLOCK_K, N, K, W, G, BITS, GROUP, BLOCK_K)
         acc += _dot(gy, w.to(gy.dtype), DOT)
     tl.store(gx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -190,10 +194,8 @@ def quant_grad_scales_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        gy_t = tl.load(gy_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm,
-                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        gy_t = _load_2d(gy_ptr, offs_n, offs_m, stride_gn, stride_gm, N, M)
+        x = _load_2d(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         acc += _dot(gy_t, x.to(gy_t.dtype), DOT)
     q_minus_z = _centered_tile(qw_ptr, z_ptr, offs_n, pid_k * BLOCK_K, N, K, W, G, BITS, GROUP, BLOCK_K)
     mask_n = offs_n < N
