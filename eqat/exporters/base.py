@@ -1,0 +1,166 @@
+"""What every exporter shares: the registry, the layer view of an eqat checkpoint, and the
+writer of a complete Hugging Face folder.
+
+An exporter says which schemes it can hold (`why_not`), turns one quantized layer into its
+format's tensors (`convert_layer`), and writes its `quantization_config`. `export_checkpoint`
+does the rest: reads the eqat checkpoint, refuses before writing anything, converts every
+layer, and writes config, shards (with an index when large), tokenizer, generation config, a
+model card and `export_report.json` into a temporary sibling folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from eqat import __version__
+from eqat.checkpoint import WEIGHTS, atomic_dir, read_eqat_config
+from eqat.errors import EqatInputError
+from eqat.model import check_model_dir
+from eqat.scheme import QuantScheme
+
+
+@dataclass
+class QuantizedLayer:
+    """One quantized linear of an eqat checkpoint, in eqat's canonical layout (docs/checkpoint-format.md)."""
+
+    name: str
+    qweight: torch.Tensor  # int32 [N, packed_length(K, b)]
+    scales: torch.Tensor  # fp16/bf16 [N, G]
+    zeros: torch.Tensor  # fp16/bf16 [N, G], integer-valued
+    bias: torch.Tensor | None  # [N]
+    in_features: int  # K
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+
+@dataclass
+class Exporter:
+    """A format: its name, a one-line summary, and the three format-specific functions."""
+
+    name: str
+    summary: str
+    why_not: Callable[[QuantScheme, dict[str, tuple[int, int]], dict], str | None]  # (scheme, {name: (N, K)}, options)
+    convert_layer: Callable[[QuantizedLayer, QuantScheme, dict], dict[str, torch.Tensor]]  # suffix -> tensor
+    quantization_config: Callable[[QuantScheme, dict], dict[str, Any]]
+    options: dict[str, Any] = field(default_factory=dict)  # option -> default
+    runtimes: str = ""  # which runtimes load it, for the model card and refusals
+
+
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register(exporter: Exporter) -> Exporter:
+    EXPORTERS[exporter.name] = exporter
+    return exporter
+
+
+def formats_table() -> str:
+    return "; ".join(f"{e.name} ({e.runtimes})" for e in EXPORTERS.values())
+
+
+def _in_features(src: Path, names: list[str]) -> dict[str, int]:
+    """in_features of each named linear, from a skeleton of the model in config.json (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    return {name: model.get_submodule(name).in_features for name in names}
+
+
+def read_layers(src: Path, meta: dict) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
+    """(quantized layers, every other tensor) of an eqat checkpoint."""
+    state = load_file(str(src / WEIGHTS))
+    in_features = _in_features(src, list(meta["quantized_modules"]))
+    layers = {}
+    for name, info in meta["quantized_modules"].items():
+        try:
+            qweight, scales, zeros = (state.pop(f"{name}.{t}") for t in ("qweight", "scales", "zeros"))
+        except KeyError as e:
+            raise EqatInputError(f"{src / WEIGHTS} lacks tensor {e} of quantized module '{name}'; the checkpoint is damaged.") from e
+        bias = state.pop(f"{name}.bias", None) if info.get("bias") else None
+        layers[name] = QuantizedLayer(name, qweight, scales, zeros, bias, in_features[name])
+    return layers, state
+
+
+def _model_card(src: Path, exporter: Exporter, scheme: QuantScheme, meta: dict, qconfig: dict) -> str:
+    prov = meta.get("provenance", {})
+    return (f"---\nlibrary_name: transformers\ntags: [eqat, {exporter.name}, {scheme.bits}-bit]\n---\n\n"
+            f"# {src.name} ({exporter.name})\n\n"
+            f"Weight-only {scheme.bits}-bit quantization, group size {scheme.group_size}, "
+            f"{'symmetric' if scheme.symmetric else 'asymmetric'}; method: {prov.get('method', 'unknown')}; "
+            f"base model: {prov.get('base_model', 'unknown')}.\n\n"
+            f"Exported by eqat {__version__} from an eqat checkpoint with `eqat export --format {exporter.name}`; "
+            f"the integer codes, zero-points and scales are repacked losslessly (docs/formats.md).\n"
+            f"Loads in: {exporter.runtimes}.\n\n"
+            f"Validation: compare it with its source with `eqat validate {src.name} --export <this folder>`.\n\n"
+            f"```json\n{json.dumps(qconfig, indent=2)}\n```\n")
+
+
+def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = False,
+                      max_shard_size: str = "4GB", **options: Any) -> dict[str, Any]:
+    """Export the eqat checkpoint `src` to `fmt` in `out`; returns the export report."""
+    if fmt not in EXPORTERS:
+        raise EqatInputError(f"unknown export format '{fmt}'; available: {', '.join(EXPORTERS)}.")
+    exporter = EXPORTERS[fmt]
+    unknown = set(options) - set(exporter.options)
+    if unknown:
+        raise EqatInputError(f"format '{fmt}' takes no option {sorted(unknown)}; its options: {sorted(exporter.options) or 'none'}.")
+    opts = {**exporter.options, **{k: v for k, v in options.items() if v is not None}}
+    src = check_model_dir(src)
+    meta = read_eqat_config(src)
+    scheme = QuantScheme.from_dict(meta["scheme"])
+    t0 = time.perf_counter()
+    layers, rest = read_layers(src, meta)
+    reason = exporter.why_not(scheme, {n: (l.out_features, l.in_features) for n, l in layers.items()}, opts)
+    if reason:
+        raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({scheme.name}): {reason}. "
+                             f"Formats and who loads them: {formats_table()}.")
+    state: dict[str, torch.Tensor] = dict(rest)
+    notes: dict[str, Any] = {}
+    for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer"):
+        for suffix, tensor in exporter.convert_layer(layer, scheme, opts).items():
+            if suffix.startswith("_"):  # notes, not tensors
+                notes[suffix[1:]] = notes.get(suffix[1:], 0) + int(tensor)
+            else:
+                state[f"{name}.{suffix}"] = tensor.contiguous()
+    qconfig = exporter.quantization_config(scheme, opts)
+    report = {"format": fmt, "options": opts, "scheme": scheme.to_dict(), "source": str(src),
+              "eqat_version": __version__, "quantized_layers": len(layers), "notes": notes,
+              "seconds": None, "runtimes": exporter.runtimes}
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    with atomic_dir(out, force=force) as tmp:
+        config = AutoConfig.from_pretrained(src)
+        config.quantization_config = qconfig
+        config.save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(src).save_pretrained(tmp)
+        except OSError:
+            pass  # the source has none
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        except (OSError, ValueError) as e:
+            raise EqatInputError(f"cannot read the tokenizer of {src}: {e}. Copy the base model's tokenizer files there.") from e
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "README.md").write_text(_model_card(src, exporter, scheme, meta, qconfig))
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report

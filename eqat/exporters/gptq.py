@@ -1,0 +1,110 @@
+"""GPTQ checkpoints (GPTQModel, transformers through optimum + gptqmodel, vLLM for 4/8-bit symmetric).
+
+Per linear (K inputs, N outputs, b bits, group g, G = K / g groups):
+
+    qweight  int32 [K * b / 32, N]  codes packed along K, one bit stream per output column
+                                    (the stream order of eqat.packing: eqat's [N, W] transposed)
+    qzeros   int32 [G, N * b / 32]  zero-points packed along N, same stream order
+    scales   fp16  [G, N]
+    g_idx    int32 [K]              k // g (desc_act is false)
+    bias     fp16  [N]              when the layer has one
+
+    w[n, k] = (q[k, n] - z[k // g, n]) * scales[k // g, n]
+
+checkpoint_format "gptq" (v1, what vLLM and most loaders expect) stores z - 1; "gptq_v2" stores
+z. The default, "auto", is v1 for symmetric schemes (vLLM reads only those, and only v1) and v2
+for asymmetric ones: vLLM refuses asymmetric GPTQ whatever the version, and GPTQModel 7.6
+refuses asymmetric v1 unless its own metadata says GPTQModel >= 0.9 wrote it (older writers
+corrupted zero-points of 0), while it reads v2 as is. A zero-point of 0 has no v1 encoding. eqat keeps v1 lossless by rewriting such a group
+exactly: with qmax = 2^b - 1, (q - 0) * s == ((qmax - q) - qmax) * (-s), so the group is
+stored with codes qmax - q, zero-point qmax and scale -s. The weights a loader computes are
+bit-for-bit the same; the report counts the rewritten groups (`flipped_groups`); v2 stores
+every group as is. `unpack_gptq` reads a layer back (tests, validate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from eqat import __version__
+from eqat.exporters.base import Exporter, QuantizedLayer, register
+from eqat.packing import pack_int32, unpack_int32
+from eqat.scheme import QuantScheme
+
+FORMATS = ("gptq", "gptq_v2")
+
+
+def resolved_format(scheme: QuantScheme, options: dict) -> str:
+    """The checkpoint_format written: the option, with "auto" -> v1 if symmetric else v2."""
+    fmt = options["checkpoint_format"]
+    return ("gptq" if scheme.symmetric else "gptq_v2") if fmt == "auto" else fmt
+
+
+def why_not(scheme: QuantScheme, shapes: dict[str, tuple[int, int]], options: dict) -> str | None:
+    if options["checkpoint_format"] not in FORMATS + ("auto",):
+        return f"checkpoint_format must be auto, gptq or gptq_v2, not {options['checkpoint_format']!r}"
+    if scheme.bits not in (2, 3, 4, 8):
+        return f"GPTQ holds 2/3/4/8-bit codes, not {scheme.bits}-bit"
+    per_word = 32 if scheme.bits == 3 else 32 // scheme.bits  # codes that fill whole int32 words
+    for name, (n, k) in shapes.items():
+        if k % per_word or n % per_word:
+            return (f"layer '{name}' is {n} x {k}; GPTQ packs {scheme.bits}-bit codes {per_word} to a run of "
+                    f"words along both K (qweight) and N (qzeros), so both must be multiples of {per_word}")
+    return None
+
+
+def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict) -> dict[str, torch.Tensor]:
+    b, k, n = scheme.bits, layer.in_features, layer.out_features
+    group = scheme.group_size_for(k)
+    qmax = (1 << b) - 1
+    codes = unpack_int32(layer.qweight, b, k).to(torch.int64)  # [N, K]
+    zeros = torch.round(layer.zeros.float()).to(torch.int64)  # [N, G]
+    scales = layer.scales.to(torch.float16)
+    flipped = 0
+    if resolved_format(scheme, options) == "gptq":
+        flip = zeros == 0
+        flipped = int(flip.sum())
+        if flipped:
+            codes = torch.where(flip.repeat_interleave(group, dim=1), qmax - codes, codes)
+            zeros = torch.where(flip, qmax, zeros)
+            scales = torch.where(flip, -scales, scales)
+        zeros = zeros - 1
+    out = {
+        "qweight": pack_int32(codes, b).T,  # [K*b/32, N]
+        "qzeros": pack_int32(zeros.T.contiguous(), b),  # [G, N*b/32]
+        "scales": scales.T,  # [G, N]
+        "g_idx": (torch.arange(k) // group).to(torch.int32),
+        "_flipped_groups": torch.tensor(flipped),
+    }
+    if layer.bias is not None:
+        out["bias"] = layer.bias.to(torch.float16)
+    return out
+
+
+def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, in_features: int, checkpoint_format: str = "gptq"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GPTQ layer's (codes uint8 [N, K], zero-points int64 [N, G], scales fp16 [N, G])."""
+    n = tensors["scales"].shape[1]
+    codes = unpack_int32(tensors["qweight"].T.contiguous(), bits, in_features)
+    zeros = unpack_int32(tensors["qzeros"], bits, n).T.to(torch.int64)  # [N, G]
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    return codes, zeros, tensors["scales"].T
+
+
+def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
+    return {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "desc_act": False,
+            "sym": scheme.symmetric, "checkpoint_format": resolved_format(scheme, options), "pack_dtype": "int32",
+            "lm_head": False, "true_sequential": True, "damp_percent": 0.01,
+            "meta": {"quantizer": [f"eqat:{__version__}"]}}
+
+
+GPTQ = register(Exporter(
+    name="gptq",
+    summary="GPTQ v1 (or v2) checkpoint: qweight/qzeros/scales/g_idx",
+    why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
+    options={"checkpoint_format": "auto"},
+    runtimes="GPTQModel and transformers at 2/3/4/8 bits; vLLM only 4/8-bit symmetric",
+))
