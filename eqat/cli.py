@@ -227,6 +227,29 @@ def train_e2e(
         out.print(f"saved {report['output']} in {report['total_seconds']:.1f} s; report: {report['output']}/report.json")
 
 
+@app.command("export", epilog="Examples:\n\n  eqat export eqat-out/SmolLM2-135M-Instruct-w4g64-block-ap --format gptq --out smol-gptq\n\n"
+             "  eqat export ckpt --format gptq --checkpoint-format gptq --out ckpt-gptq-v1   # force v1")
+def export_cmd(
+    model: str = typer.Argument(..., help="eqat checkpoint folder (written by eqat quantize)."),
+    format: str = typer.Option(..., "--format", "-f", help="Target format: gptq."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    checkpoint_format: Optional[str] = typer.Option(
+        None, help="gptq only: auto (v1 if symmetric, else v2), gptq (v1) or gptq_v2."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
+) -> None:
+    """Repack an eqat checkpoint, losslessly, into a format a runtime loads (docs/formats.md)."""
+    from eqat.exporters import export_checkpoint
+
+    options = {"checkpoint_format": checkpoint_format} if checkpoint_format is not None else {}
+    report = export_checkpoint(model, format, out_dir, force=force, **options)
+    if json_out:
+        out.print_json(json.dumps(report, default=str))
+    else:
+        out.print(f"wrote {out_dir} ({report['format']}, {report['quantized_layers']} layers, "
+                  f"{report['seconds']:.1f} s; notes {report['notes']})")
+
+
 @app.command(epilog="Examples:\n\n  eqat info\n\n  eqat info eqat-out/SmolLM2-135M-Instruct-w4g64-rtn")
 def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2.")) -> None:
     """Describe a model folder or eqat checkpoint: architecture, quantizable layers, scheme."""
