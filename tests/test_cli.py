@@ -32,7 +32,7 @@ def text_file(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("command", ["quantize", "eval", "info", "train-e2e"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "info", "train-e2e", "export"])
 def test_help_has_examples(cli, command):
     code, out, _ = cli(command, "--help")
     assert code == 0 and "Examples" in out
@@ -239,3 +239,19 @@ def test_train_e2e_bad_input(cli, tiny_model_dir, tmp_path, text_file):
     code, _, err = cli("quantize", "--model", str(model), "--out", str(tmp_path / "o"), "--e2e-data",
                        str(tmp_path / "nope.txt"), "--no-eval", "-q")
     assert code == 2 and "nope.txt" in err and not (tmp_path / "o").exists()
+
+
+def test_export_command(cli, tiny_model_dir, tmp_path):
+    """`eqat quantize` then `eqat export`: a GPTQ folder, a JSON report; bad input exits 2 and writes nothing."""
+    src, ck = tiny_model_dir(), tmp_path / "ck"
+    assert cli("quantize", "--model", str(src), "--method", "rtn", "--scheme", "w4g32", "--out", str(ck), "--no-eval",
+               "-q")[0] == 0
+    code, out, _ = cli("export", str(ck), "--format", "gptq", "--out", str(tmp_path / "g"), "--json")
+    assert code == 0 and json.loads(out)["notes"] == {"flipped_groups": 0}
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    code, _, err = cli("export", str(ck), "--format", "gptq", "--out", str(tmp_path / "g"))
+    assert code == 2 and "already exists; pass --force" in err
+    code, _, err = cli("export", str(ck), "--format", "onnx-ish", "--out", str(tmp_path / "h"))
+    assert code == 2 and "unknown export format 'onnx-ish'; available: gptq" in err and not (tmp_path / "h").exists()
+    code, _, err = cli("export", str(src), "--format", "gptq", "--out", str(tmp_path / "h"))
+    assert code == 2 and "eqat_config.json" in err and not (tmp_path / "h").exists()
