@@ -4,8 +4,9 @@ eqat.evaluate protocol: non-overlapping windows, mean next-token NLL).
 
     python benchmarks/export_loaders.py CKPT [CKPT ...] --windows 2 --seqlen 512
 
-For each checkpoint and GPTQ checkpoint_format (auto, and gptq = v1 when auto picked v2), the
-export is loaded by GPTQModel (BACKEND.GPTQ_TORCH) and by transformers (optimum + gptqmodel);
+For each checkpoint and GPTQ checkpoint_format (auto, and gptq = v1 when auto picked v2), and
+AWQ for 4-bit checkpoints with --awq, the export is loaded by GPTQModel (GPTQ through
+BACKEND.GPTQ_TORCH, AWQ through its automatic CPU choice) and by transformers (optimum + gptqmodel);
 a loader that refuses is recorded with its message. Writes results/export_loaders.{json,md}.
 """
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--awq", action="store_true", help="also export 4-bit checkpoints to AWQ")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -74,17 +76,21 @@ def main() -> None:
         rows.append({**base, "format": "eqat", "loader": "eqat (torch)", "status": "pass", **m})
         ppl_ref = rows[-1]["ppl"]
         sym = meta["scheme"]["symmetric"]
-        for fmt in (["auto"] if sym else ["auto", "gptq"]):
+        exports = [("gptq", {"checkpoint_format": "auto"})] + ([] if sym else [("gptq", {"checkpoint_format": "gptq"})])
+        exports += [("awq", {})] if meta["scheme"]["bits"] == 4 and args.awq else []
+        for exporter, options in exports:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "export"
-                report = export_checkpoint(ck, "gptq", out, checkpoint_format=fmt)
-                written = json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"]
-                loaders = {"gptqmodel": lambda: GPTQModel.load(str(out), backend=BACKEND.GPTQ_TORCH, device="cpu",
-                                                               dtype=torch.float16).model,
+                report = export_checkpoint(ck, exporter, out, **options)
+                qc = json.loads((out / "config.json").read_text())["quantization_config"]
+                written = qc.get("checkpoint_format", qc.get("version"))
+                backend = {"backend": BACKEND.GPTQ_TORCH} if exporter == "gptq" else {}
+                loaders = {"gptqmodel": lambda: GPTQModel.load(str(out), device="cpu", dtype=torch.float16,
+                                                               **backend).model,
                            "transformers": lambda: AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16,
                                                                                         device_map="cpu")}
                 for name, load in loaders.items():
-                    row = {**base, "format": f"gptq ({written})", "loader": name, "export_s": report["seconds"],
+                    row = {**base, "format": f"{exporter} ({written})", "loader": name, "export_s": report["seconds"],
                            "flipped_groups": report["notes"].get("flipped_groups", 0)}
                     t = time.perf_counter()
                     try:

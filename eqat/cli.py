@@ -231,7 +231,7 @@ def train_e2e(
              "  eqat export ckpt --format gptq --checkpoint-format gptq --out ckpt-gptq-v1   # force v1")
 def export_cmd(
     model: str = typer.Argument(..., help="eqat checkpoint folder (written by eqat quantize)."),
-    format: str = typer.Option(..., "--format", "-f", help="Target format: gptq."),
+    format: str = typer.Option(..., "--format", "-f", help="Target format: gptq or awq (docs/formats.md)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     checkpoint_format: Optional[str] = typer.Option(
         None, help="gptq only: auto (v1 if symmetric, else v2), gptq (v1) or gptq_v2."),

@@ -1,12 +1,13 @@
 """Exporters: one small module per format, registered by name in `EXPORTERS`.
 
     gptq    eqat/exporters/gptq.py
+    awq     eqat/exporters/awq.py
 
 `export_checkpoint(src, fmt, out, **options)` writes a complete Hugging Face folder; the
 formats are spelled out in each module and in docs/formats.md.
 """
 
-from eqat.exporters import gptq  # noqa: F401  (registers)
+from eqat.exporters import awq, gptq  # noqa: F401  (register themselves)
 from eqat.exporters.base import EXPORTERS, Exporter, QuantizedLayer, export_checkpoint, register
 
 __all__ = ["EXPORTERS", "Exporter", "QuantizedLayer", "export_checkpoint", "register"]
