@@ -24,6 +24,7 @@ import torch
 
 from eqat.checkpoint import load_quantized
 from eqat.data import eval_token_ids
+from eqat.evaluate import window_nll
 from eqat.exporters import export_checkpoint
 from eqat.report import environment, write_json
 
@@ -41,8 +42,8 @@ def measure(model, ids, ref_logits, seqlen, windows) -> dict:
         chunk = ids[None, w * seqlen:(w + 1) * seqlen]
         out = logits(model, chunk)
         first = out if first is None else first
-        nll += torch.nn.functional.cross_entropy(out[0, :-1], chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
+        window, tokens = window_nll(out, chunk)
+        nll, count = nll + window, count + tokens
     if ref_logits is None:
         ref_logits = first
     d = (first - ref_logits).abs()

@@ -261,7 +261,7 @@ def main() -> None:
     write_json(args.out / f"kernels-{tag}.json", {
         "device": name, "dtype": str(dtype), "peak_bandwidth_bytes_s": peak_bw, "peak_tflops": peak_flops and peak_flops / 1e12,
         "gpu_figures": device.type == "cuda", "environment": environment(), "command": " ".join(sys.argv),
-        "rows": [{**{k2.rstrip("_"): v for k2, v in r.items()}} for r in rows]})
+        "rows": [{key.rstrip("_"): v for key, v in r.items()} for r in rows]})
     print(f"wrote {args.out / f'kernels-{tag}.md'} and .json")
 
 

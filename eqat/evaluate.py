@@ -32,6 +32,12 @@ class PerplexityResult:
         return asdict(self)
 
 
+def window_nll(logits: torch.Tensor, x: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token NLL, tokens scored) of windows x [B, T] given their logits [B, T, V]."""
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+    return nll.item(), x[:, 1:].numel()
+
+
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -54,9 +60,8 @@ def perplexity(
     total_nll, total_tokens, start = 0.0, 0, time.perf_counter()
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="win"):
         x = windows[i : i + batch_size].to(device)
-        logits = model(x, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += x[:, 1:].numel()
+        nll, tokens = window_nll(model(x, use_cache=False).logits, x)
+        total_nll += nll
+        total_tokens += tokens
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, n, seqlen, total_tokens, time.perf_counter() - start)

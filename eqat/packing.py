@@ -33,7 +33,7 @@ def packed_length(length: int, bits: int) -> int:
     return -(-length // codes) * words
 
 
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
+def to_int32(x: torch.Tensor) -> torch.Tensor:
     """Reinterpret the low 32 bits of an int64 tensor as int32 (two's complement)."""
     x = x & 0xFFFFFFFF
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
@@ -61,7 +61,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
         words[..., word] |= c[..., j] << shift
         if shift + bits > 32:  # the code's high bits spill into the next word
             words[..., word + 1] |= c[..., j] >> (32 - shift)
-    return _to_int32(words.reshape(*words.shape[:-2], -1))
+    return to_int32(words.reshape(*words.shape[:-2], -1))
 
 
 @lru_cache(maxsize=None)

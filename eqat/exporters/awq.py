@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import _to_int32, unpack_int32
+from eqat.packing import to_int32, unpack_int32
 from eqat.scheme import QuantScheme
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -30,7 +30,7 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     word = torch.zeros(v.shape[:2], dtype=torch.int64)
     for i, col in enumerate(ORDER):
         word |= v[..., col] << (4 * i)
-    return _to_int32(word)
+    return to_int32(word)
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ def why_not(scheme: QuantScheme, shapes: dict[str, tuple[int, int]], options: di
     return None
 
 
-def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict) -> dict[str, torch.Tensor]:
+def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     codes = unpack_int32(layer.qweight, 4, layer.in_features)  # [N, K]
     out = {
         "qweight": pack_awq(codes.T),  # [K, N/8]
@@ -62,7 +63,7 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict) -> 
     }
     if layer.bias is not None:
         out["bias"] = layer.bias.to(torch.float16)
-    return out
+    return out, {}
 
 
 def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:

@@ -51,7 +51,8 @@ class Exporter:
     name: str
     summary: str
     why_not: Callable[[QuantScheme, dict[str, tuple[int, int]], dict], str | None]  # (scheme, {name: (N, K)}, options)
-    convert_layer: Callable[[QuantizedLayer, QuantScheme, dict], dict[str, torch.Tensor]]  # suffix -> tensor
+    # (layer, scheme, options) -> ({suffix: tensor}, {note: count}); notes are summed into the report
+    convert_layer: Callable[[QuantizedLayer, QuantScheme, dict], tuple[dict[str, torch.Tensor], dict[str, int]]]
     quantization_config: Callable[[QuantScheme, dict], dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)  # option -> default
     runtimes: str = ""  # which runtimes load it, for the model card and refusals
@@ -69,20 +70,20 @@ def formats_table() -> str:
     return "; ".join(f"{e.name} ({e.runtimes})" for e in EXPORTERS.values())
 
 
-def _in_features(src: Path, names: list[str]) -> dict[str, int]:
-    """in_features of each named linear, from a skeleton of the model in config.json (no weights)."""
+def _in_features(config: Any, names: list[str]) -> dict[str, int]:
+    """in_features of each named linear, from a skeleton of the model (no weights)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+        model = AutoModelForCausalLM.from_config(config)
     return {name: model.get_submodule(name).in_features for name in names}
 
 
-def read_layers(src: Path, meta: dict) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
-    """(quantized layers, every other tensor) of an eqat checkpoint."""
+def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
+    """(quantized layers, every other tensor) of the eqat checkpoint `src`, whose config is `config`."""
     state = load_file(str(src / WEIGHTS))
-    in_features = _in_features(src, list(meta["quantized_modules"]))
+    in_features = _in_features(config, list(meta["quantized_modules"]))
     layers = {}
     for name, info in meta["quantized_modules"].items():
         try:
@@ -122,27 +123,26 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     meta = read_eqat_config(src)
     scheme = QuantScheme.from_dict(meta["scheme"])
     t0 = time.perf_counter()
-    layers, rest = read_layers(src, meta)
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(src)
+    layers, rest = read_layers(src, meta, config)
     reason = exporter.why_not(scheme, {n: (l.out_features, l.in_features) for n, l in layers.items()}, opts)
     if reason:
         raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({scheme.name}): {reason}. "
                              f"Formats and who loads them: {formats_table()}.")
     state: dict[str, torch.Tensor] = dict(rest)
-    notes: dict[str, Any] = {}
+    notes: dict[str, int] = {}
     for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer"):
-        for suffix, tensor in exporter.convert_layer(layer, scheme, opts).items():
-            if suffix.startswith("_"):  # notes, not tensors
-                notes[suffix[1:]] = notes.get(suffix[1:], 0) + int(tensor)
-            else:
-                state[f"{name}.{suffix}"] = tensor.contiguous()
+        tensors, layer_notes = exporter.convert_layer(layer, scheme, opts)
+        state.update({f"{name}.{suffix}": t.contiguous() for suffix, t in tensors.items()})
+        for key, count in layer_notes.items():
+            notes[key] = notes.get(key, 0) + count
     qconfig = exporter.quantization_config(scheme, opts)
     report = {"format": fmt, "options": opts, "scheme": scheme.to_dict(), "source": str(src),
               "eqat_version": __version__, "quantized_layers": len(layers), "notes": notes,
               "seconds": None, "runtimes": exporter.runtimes}
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     with atomic_dir(out, force=force) as tmp:
-        config = AutoConfig.from_pretrained(src)
         config.quantization_config = qconfig
         config.save_pretrained(tmp)
         try:

@@ -55,7 +55,8 @@ def why_not(scheme: QuantScheme, shapes: dict[str, tuple[int, int]], options: di
     return None
 
 
-def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict) -> dict[str, torch.Tensor]:
+def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     b, k, n = scheme.bits, layer.in_features, layer.out_features
     group = scheme.group_size_for(k)
     qmax = (1 << b) - 1
@@ -76,11 +77,10 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict) -> 
         "qzeros": pack_int32(zeros.T.contiguous(), b),  # [G, N*b/32]
         "scales": scales.T,  # [G, N]
         "g_idx": (torch.arange(k) // group).to(torch.int32),
-        "_flipped_groups": torch.tensor(flipped),
     }
     if layer.bias is not None:
         out["bias"] = layer.bias.to(torch.float16)
-    return out
+    return out, {"flipped_groups": flipped}
 
 
 def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, in_features: int, checkpoint_format: str = "gptq"

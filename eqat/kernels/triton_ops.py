@@ -25,6 +25,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@lru_cache(maxsize=None)
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -96,7 +97,7 @@ def kernels() -> SimpleNamespace:
     if interpreting():
         return SimpleNamespace(matmul=k.quant_matmul_kernel, gemv=k.quant_gemv_kernel,
                                grad_input=k.quant_grad_input_kernel, grad_scales=k.quant_grad_scales_kernel,
-                               tuned=False)
+                               tuned=False, cdiv=triton.cdiv)
     key = ["M_BUCKET", "N", "K", "BITS", "GROUP"]
     return SimpleNamespace(
         matmul=triton.autotune(_configs(TUNING["matmul"]), key=key)(k.quant_matmul_kernel),
@@ -104,7 +105,7 @@ def kernels() -> SimpleNamespace:
                              reset_to_zero=["acc_ptr"])(k.quant_gemv_kernel),
         grad_input=triton.autotune(_configs(TUNING["grad_input"]), key=key)(k.quant_grad_input_kernel),
         grad_scales=triton.autotune(_configs(TUNING["grad_scales"]), key=key)(k.quant_grad_scales_kernel),
-        tuned=True,
+        tuned=True, cdiv=triton.cdiv,
     )
 
 
@@ -119,10 +120,11 @@ def _m_bucket(m: int) -> int:
     return min(1 << max(m - 1, 0).bit_length(), 8192)
 
 
-def _shape(qweight: torch.Tensor, scales: torch.Tensor, in_features: int) -> tuple[int, int, int, int]:
+def _layout(qweight: torch.Tensor, per_group: torch.Tensor, in_features: int) -> tuple[int, int, int, int, int]:
+    """(N, K, words per row, groups, group size) of a packed layer; per_group: scales or zeros [N, G]."""
     n, words = qweight.shape
-    groups = scales.shape[1]
-    return n, in_features, words, groups
+    groups = per_group.shape[1]
+    return n, in_features, words, groups, in_features // groups
 
 
 def _tuning(ks: SimpleNamespace, m: int, **fixed: int) -> dict:
@@ -142,8 +144,7 @@ class TritonOps:
         ks = kernels()
         m = x.shape[0]
         qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-        n, k, words, groups = _shape(qweight, scales, in_features)
-        group = k // groups
+        n, k, words, groups, group = _layout(qweight, scales, in_features)
         if m == 0:
             return x.new_empty(0, n)
         if m <= GEMV_MAX_M:
@@ -151,7 +152,7 @@ class TritonOps:
             fixed = {} if ks.tuned else dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
 
             def grid(meta):
-                return (triton_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+                return (ks.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
             ks.gemv[grid](x, qweight, scales, zeros, acc, m, n, k, words, groups, x.stride(0), x.stride(1),
                           BITS=bits, GROUP=group, DOT=_dot_mode(x.dtype), BLOCK_M=1 if m == 1 else 16, **fixed)
@@ -161,7 +162,7 @@ class TritonOps:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
         def grid(meta):
-            return (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),)
+            return (ks.cdiv(m, meta["BLOCK_M"]) * ks.cdiv(n, meta["BLOCK_N"]),)
 
         extra = _tuning(ks, m, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
         ks.matmul[grid](x, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k, words, groups,
@@ -176,16 +177,16 @@ class TritonOps:
         ks = kernels()
         m = grad_y.shape[0]
         qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-        n, k, words, groups = _shape(qweight, scales, in_features)
+        n, k, words, groups, group = _layout(qweight, scales, in_features)
         gx = torch.empty(m, k, device=grad_y.device, dtype=grad_y.dtype)
 
         def grid(meta):
-            return (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(k, meta["BLOCK_K"]))
+            return (ks.cdiv(m, meta["BLOCK_M"]), ks.cdiv(k, meta["BLOCK_K"]))
 
         extra = _tuning(ks, m, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
         ks.grad_input[grid](grad_y, qweight, scales, zeros, gx, m, n, k, words, groups,
                             grad_y.stride(0), grad_y.stride(1), gx.stride(0), gx.stride(1),
-                            BITS=bits, GROUP=k // groups, DOT=_dot_mode(grad_y.dtype), **extra)
+                            BITS=bits, GROUP=group, DOT=_dot_mode(grad_y.dtype), **extra)
         return gx
 
     @staticmethod
@@ -195,8 +196,7 @@ class TritonOps:
         ks = kernels()
         m = grad_y.shape[0]
         qweight, zeros = qweight.contiguous(), zeros.contiguous()
-        n, k, words, groups = _shape(qweight, zeros, in_features)
-        group = k // groups
+        n, k, words, groups, group = _layout(qweight, zeros, in_features)
         block_k = scale_grad_block_k(group)
         tiles = k // block_k
         ps = torch.empty(n, tiles, device=x.device, dtype=torch.float32)
@@ -205,7 +205,7 @@ class TritonOps:
         gy, xx = grad_y.to(dtype), x.to(dtype)
 
         def grid(meta):
-            return (triton_cdiv(n, meta["BLOCK_N"]), tiles)
+            return (ks.cdiv(n, meta["BLOCK_N"]), tiles)
 
         extra = _tuning(ks, m, BLOCK_M=32, BLOCK_N=32)
         ks.grad_scales[grid](gy, xx, qweight, zeros, ps, pz, m, n, k, words, groups, tiles,
@@ -213,6 +213,3 @@ class TritonOps:
                              BITS=bits, GROUP=group, DOT=_dot_mode(dtype), BLOCK_K=block_k, **extra)
         return ps.view(n, groups, -1).sum(-1), pz.view(n, groups, -1).sum(-1)
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

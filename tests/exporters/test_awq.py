@@ -37,7 +37,7 @@ def test_interleaved_order():
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_repacking_is_lossless_and_gptqmodel_reads_the_same_weight(group):
     layer, codes, zeros, scales = _layer(48, 256, group)
-    t = convert_layer(layer, QuantScheme(4, group), {})
+    t, _ = convert_layer(layer, QuantScheme(4, group), {})
     assert t["qweight"].shape == (256, 6) and t["qzeros"].shape == (256 // group, 6) and t["scales"].shape == (256 // group, 48)
     assert torch.equal(unpack_awq(t["qweight"]).T, codes.long())
     assert torch.equal(unpack_awq(t["qzeros"]).T, zeros.long()) and torch.equal(t["scales"].T, scales)
