@@ -64,8 +64,11 @@ def test_bitblas_refusals_name_the_limit(monkeypatch):
     monkeypatch.setenv("EQAT_KERNEL", "bitblas")
     with pytest.raises(EqatInputError, match="BitBLAS runs on CUDA only, not cpu"):
         select_backend(CPU, 4, 64, torch.float16)
-    monkeypatch.setattr(bb, "bitblas_installed", lambda: True)
     cuda = torch.device("cuda")
+    monkeypatch.setattr(bb, "bitblas_installed", lambda: False)
+    with pytest.raises(EqatInputError, match=r"BitBLAS is not installed: pip install 'eqat\[bitblas\]' on a CUDA machine"):
+        select_backend(cuda, 4, 64, torch.float16)
+    monkeypatch.setattr(bb, "bitblas_installed", lambda: True)
     with pytest.raises(EqatInputError, match="2/4-bit weights with zero-points, not 3-bit"):
         select_backend(cuda, 3, 64, torch.float16)
     with pytest.raises(EqatInputError, match="float16 activations, not torch.bfloat16"):
