@@ -231,10 +231,12 @@ def train_e2e(
              "  eqat export ckpt --format gptq --checkpoint-format gptq --out ckpt-gptq-v1   # force v1")
 def export_cmd(
     model: str = typer.Argument(..., help="eqat checkpoint folder (written by eqat quantize)."),
-    format: str = typer.Option(..., "--format", "-f", help="Target format: gptq or awq (docs/formats.md)."),
+    format: str = typer.Option(..., "--format", "-f",
+                               help="Target format: gptq, awq, compressed-tensors or onnx (docs/formats.md)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     checkpoint_format: Optional[str] = typer.Option(
         None, help="gptq only: auto (v1 if symmetric, else v2), gptq (v1) or gptq_v2."),
+    option: list[str] = typer.Option([], "--option", "-O", help="A format option KEY=VALUE, e.g. -O widen_3bit=false (onnx); repeatable."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
 ) -> None:
@@ -242,6 +244,11 @@ def export_cmd(
     from eqat.exporters import export_checkpoint
 
     options = {"checkpoint_format": checkpoint_format} if checkpoint_format is not None else {}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EqatInputError(f"--option takes KEY=VALUE, got {item!r}; e.g. -O widen_3bit=false.")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
     report = export_checkpoint(model, format, out_dir, force=force, **options)
     if json_out:
         out.print_json(json.dumps(report, default=str))

@@ -56,6 +56,8 @@ class Exporter:
     quantization_config: Callable[[QuantScheme, dict], dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)  # option -> default
     runtimes: str = ""  # which runtimes load it, for the model card and refusals
+    # (src, converted state, folder, scheme, options): writes the model files in place of safetensors shards
+    write_model: Callable[[Path, dict[str, torch.Tensor], Path, QuantScheme, dict], None] | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -109,6 +111,16 @@ def _model_card(src: Path, exporter: Exporter, scheme: QuantScheme, meta: dict, 
             f"```json\n{json.dumps(qconfig, indent=2)}\n```\n")
 
 
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str) -> None:
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = False,
                       max_shard_size: str = "4GB", **options: Any) -> dict[str, Any]:
     """Export the eqat checkpoint `src` to `fmt` in `out`; returns the export report."""
@@ -119,6 +131,9 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     if unknown:
         raise EqatInputError(f"format '{fmt}' takes no option {sorted(unknown)}; its options: {sorted(exporter.options) or 'none'}.")
     opts = {**exporter.options, **{k: v for k, v in options.items() if v is not None}}
+    for key, default in exporter.options.items():
+        if isinstance(default, bool) and not isinstance(opts[key], bool):
+            raise EqatInputError(f"option {key} of format '{fmt}' takes true or false, not {opts[key]!r}.")
     src = check_model_dir(src)
     meta = read_eqat_config(src)
     scheme = QuantScheme.from_dict(meta["scheme"])
@@ -153,13 +168,10 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
             AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         except (OSError, ValueError) as e:
             raise EqatInputError(f"cannot read the tokenizer of {src}: {e}. Copy the base model's tokenizer files there.") from e
-        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": split.tensor_to_filename}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if exporter.write_model is not None:
+            exporter.write_model(src, state, tmp, scheme, opts)
+        else:
+            _write_shards(state, tmp, max_shard_size)
         (tmp / "README.md").write_text(_model_card(src, exporter, scheme, meta, qconfig))
         report["seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
