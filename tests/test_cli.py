@@ -252,7 +252,7 @@ def test_export_command(cli, tiny_model_dir, tmp_path):
     code, _, err = cli("export", str(ck), "--format", "gptq", "--out", str(tmp_path / "g"))
     assert code == 2 and "already exists; pass --force" in err
     code, _, err = cli("export", str(ck), "--format", "onnx-ish", "--out", str(tmp_path / "h"))
-    assert code == 2 and "unknown export format 'onnx-ish'; available: awq, compressed-tensors, gptq, onnx" in err
+    assert code == 2 and "unknown export format 'onnx-ish'; available: awq, bitblas, compressed-tensors, gptq, onnx" in err
     assert not (tmp_path / "h").exists()
     code, _, err = cli("export", str(ck), "--format", "onnx", "--out", str(tmp_path / "h"), "-O", "widen_3bit=maybe")
     assert code == 2 and "option widen_3bit of format 'onnx' takes true or false, not 'maybe'" in err

@@ -187,7 +187,7 @@ def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, scheme: Qu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings are about shapes it keeps dynamic below
         torch.onnx.export(_Logits(model.eval()), (ids, torch.ones_like(ids)), str(path), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=OPSET,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=OPSET, do_constant_folding=False,
                           dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
                                         "attention_mask": {0: "batch", 1: "sequence"},
                                         "logits": {0: "batch", 1: "sequence"}})

@@ -91,7 +91,7 @@ def test_export_writes_a_complete_folder(tiny_checkpoint, tmp_path):
 
 def test_bad_input_writes_nothing(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("w4g32")
-    for kwargs, match in [({"fmt": "gguf"}, "unknown export format 'gguf'; available: awq, compressed-tensors, gptq, onnx"),
+    for kwargs, match in [({"fmt": "gguf"}, "unknown export format 'gguf'; available: awq, bitblas, compressed-tensors, gptq, onnx"),
                           ({"fmt": "gptq", "checkpoint_format": "v3"}, "must be auto, gptq or gptq_v2"),
                           ({"fmt": "gptq", "group": 1}, "takes no option")]:
         with pytest.raises(EqatInputError, match=match):

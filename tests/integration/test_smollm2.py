@@ -151,3 +151,41 @@ def test_gptq_export_loads_in_gptqmodel_and_transformers(smol, tmp_path):
     del g
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.float16, device_map="cpu")
     assert ppl16(hf) == pytest.approx(ours, rel=0.01)
+
+
+def test_compressed_tensors_and_onnx_exports_run_in_their_runtimes(smol, tmp_path):
+    """SmolLM2 RTN w3g64 (asymmetric) -> compressed-tensors, loaded by transformers through the
+    compressed-tensors package, and -> ONNX (3-bit widened to 4), run by onnxruntime: float32
+    perplexity within 0.1% of eqat's own on one 512-token window."""
+    pytest.importorskip("compressed_tensors")
+    ort = pytest.importorskip("onnxruntime")
+    import math
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from eqat.evaluate import window_nll
+    from eqat.exporters import export_checkpoint
+
+    path, tok, ids = smol
+    model, _ = load_model(path)
+    quantize_rtn(model, QuantScheme(3, 64))
+    src = save_quantized(model, tok, tmp_path / "ck", provenance={"method": "rtn"})
+    chunk = ids[None, :SEQLEN]
+
+    def ppl_of(logits):
+        nll, count = window_nll(torch.as_tensor(logits).float(), chunk)
+        return math.exp(nll / count)
+
+    with torch.no_grad():
+        ours = ppl_of(load_quantized(src)[0].float()(chunk).logits)
+        export_checkpoint(src, "compressed-tensors", tmp_path / "ct")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+        assert ppl_of(hf(chunk).logits) == pytest.approx(ours, rel=1e-3)
+    del hf
+    report = export_checkpoint(src, "onnx", tmp_path / "onnx")
+    assert report["notes"]["widened_3_to_4_bit"] == report["quantized_layers"] == 30 * 7
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input_ids": chunk.numpy(), "attention_mask": np.ones_like(chunk.numpy())})[0]
+    assert ppl_of(logits) == pytest.approx(ours, rel=1e-3)
