@@ -1,13 +1,14 @@
 """Exports of eqat checkpoints, loaded by the real runtimes: load time, logit and perplexity
-agreement with eqat's own forward (all in float16; WikiText-2, first windows; perplexity by the
-eqat.evaluate protocol: non-overlapping windows, mean next-token NLL).
+agreement with eqat's own forward in the loader's dtype (WikiText-2, first windows; perplexity by
+the eqat.evaluate protocol: non-overlapping windows, mean next-token NLL).
 
-    python benchmarks/export_loaders.py CKPT [CKPT ...] --windows 2 --seqlen 512
+    python benchmarks/export_loaders.py CKPT [CKPT ...] --windows 1 --seqlen 512
 
-For each checkpoint and GPTQ checkpoint_format (auto, and gptq = v1 when auto picked v2), and
-AWQ for 4-bit checkpoints with --awq, the export is loaded by GPTQModel (GPTQ through
-BACKEND.GPTQ_TORCH, AWQ through its automatic CPU choice) and by transformers (optimum + gptqmodel);
-a loader that refuses is recorded with its message. Writes results/export_loaders.{json,md}.
+Per checkpoint: GPTQ (checkpoint_format auto, and gptq = v1 when auto picked v2) and AWQ (4-bit)
+loaded by GPTQModel (GPTQ through BACKEND.GPTQ_TORCH) and by transformers (optimum + gptqmodel),
+in float16; compressed-tensors loaded by transformers through the compressed-tensors package
+(dequantize=True), in float32; ONNX run by onnxruntime's CPU MatMulNBits, in float32. A loader
+that refuses is recorded with its message. Writes results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -54,74 +55,113 @@ def measure(model, ids, ref_logits, seqlen, windows) -> dict:
             "logits": first}
 
 
+def loaders(exporter: str, out: Path, meta: dict) -> dict:
+    """{loader name: (dtype it runs in, load function)} for one export folder."""
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM
+
+    f16 = torch.float16
+    if exporter in ("gptq", "awq"):
+        backend = {"backend": BACKEND.GPTQ_TORCH} if exporter == "gptq" else {}
+        return {"gptqmodel": (f16, lambda: GPTQModel.load(str(out), device="cpu", dtype=f16, **backend).model),
+                "transformers": (f16, lambda: AutoModelForCausalLM.from_pretrained(out, dtype=f16, device_map="cpu"))}
+    if exporter == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        return {"transformers (compressed-tensors, dequantize)": (torch.float32, lambda: AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)))}
+    if exporter == "onnx":
+        return {"onnxruntime (CPU)": (torch.float32, lambda: OrtModel(out))}
+    raise ValueError(exporter)
+
+
+class OrtModel:
+    """An onnxruntime session with the call shape of a causal LM (`model(ids).logits`)."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: torch.Tensor):
+        feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+        return type("Out", (), {"logits": torch.from_numpy(self.session.run(None, feed)[0])})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--awq", action="store_true", help="also export 4-bit checkpoints to AWQ")
+    ap.add_argument("--formats", default="gptq,awq,compressed-tensors,onnx",
+                    help="comma-separated; awq only for 4-bit checkpoints")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="export_loaders", help="results file stem")
     args = ap.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import BACKEND, GPTQModel
-    from transformers import AutoModelForCausalLM
+    formats = args.formats.split(",")
 
     rows = []
     for ck in args.checkpoints:
-        ref, tok, meta = load_quantized(ck)
-        ref = ref.half()
+        _, tok, meta = load_quantized(ck)
         ids = eval_token_ids(tok, "wikitext2")
         base = {"checkpoint": ck.name, "scheme": meta["scheme"]}
-        m = measure(ref, ids, None, args.seqlen, args.windows)
-        ref_logits = m.pop("logits")
-        rows.append({**base, "format": "eqat", "loader": "eqat (torch)", "status": "pass", **m})
-        ppl_ref = rows[-1]["ppl"]
-        sym = meta["scheme"]["symmetric"]
-        exports = [("gptq", {"checkpoint_format": "auto"})] + ([] if sym else [("gptq", {"checkpoint_format": "gptq"})])
-        exports += [("awq", {})] if meta["scheme"]["bits"] == 4 and args.awq else []
+        refs = {}  # eqat's own forward in each dtype a loader runs in
+        for dtype in (torch.float16, torch.float32):
+            model = load_quantized(ck)[0].to(dtype)
+            m = measure(model, ids, None, args.seqlen, args.windows)
+            refs[dtype] = (m.pop("logits"), m["ppl"])
+            rows.append({**base, "format": "eqat", "loader": f"eqat (torch, {str(dtype)[6:]})", "dtype": str(dtype)[6:],
+                         "status": "pass", **m})
+        del model
+        exports = []
+        if "gptq" in formats:
+            exports += [("gptq", {"checkpoint_format": "auto"})]
+            exports += [] if meta["scheme"]["symmetric"] else [("gptq", {"checkpoint_format": "gptq"})]
+        exports += [("awq", {})] if "awq" in formats and meta["scheme"]["bits"] == 4 else []
+        exports += [(f, {}) for f in ("compressed-tensors", "onnx") if f in formats]
         for exporter, options in exports:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "export"
                 report = export_checkpoint(ck, exporter, out, **options)
                 qc = json.loads((out / "config.json").read_text())["quantization_config"]
-                written = qc.get("checkpoint_format", qc.get("version"))
-                backend = {"backend": BACKEND.GPTQ_TORCH} if exporter == "gptq" else {}
-                loaders = {"gptqmodel": lambda: GPTQModel.load(str(out), device="cpu", dtype=torch.float16,
-                                                               **backend).model,
-                           "transformers": lambda: AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16,
-                                                                                        device_map="cpu")}
-                for name, load in loaders.items():
-                    row = {**base, "format": f"{exporter} ({written})", "loader": name, "export_s": report["seconds"],
-                           "flipped_groups": report["notes"].get("flipped_groups", 0)}
+                written = qc.get("checkpoint_format", qc.get("version", qc.get("format")))
+                if exporter == "onnx":
+                    written = f"MatMulNBits {qc['bits']}-bit"
+                for name, (dtype, load) in loaders(exporter, out, meta).items():
+                    row = {**base, "format": f"{exporter} ({written})", "loader": name, "dtype": str(dtype)[6:],
+                           "export_s": report["seconds"], "notes": report["notes"]}
                     t = time.perf_counter()
                     try:
-                        model = load()
+                        loaded = load()
                     except Exception as exc:
                         rows.append({**row, "status": "refused", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                         continue
                     row["load_s"] = round(time.perf_counter() - t, 2)
-                    m = measure(model, ids, ref_logits, args.seqlen, args.windows)
+                    ref_logits, ref_ppl = refs[dtype]
+                    m = measure(loaded, ids, ref_logits, args.seqlen, args.windows)
                     m.pop("logits")
-                    row.update(m, status="pass", ppl_delta_pct=100 * (m["ppl"] / ppl_ref - 1))
+                    row.update(m, status="pass", ppl_delta_pct=100 * (m["ppl"] / ref_ppl - 1))
                     rows.append(row)
-                    del model
+                    del loaded
                     print(json.dumps(rows[-1]))
-    head = "| checkpoint | format | loader | status | ppl | ppl delta | top-1 agree | mean KL | max abs logit diff | load s |"
+    head = "| checkpoint | format | loader | dtype | status | ppl | ppl delta | top-1 agree | mean KL | max abs logit diff | load s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r["status"] != "pass":
-            lines.append(f"| {r['checkpoint']} | {r['format']} | {r['loader']} | {r['status']}: {r['error'][:90]} | | | | | | |")
+            lines.append(f"| {r['checkpoint']} | {r['format']} | {r['loader']} | {r['dtype']} | {r['status']}: {r['error'][:90]} | | | | | | |")
             continue
-        delta = f"{r['ppl_delta_pct']:+.2f}%" if "ppl_delta_pct" in r else "(reference)"
-        lines.append(f"| {r['checkpoint']} | {r['format']} | {r['loader']} | pass | {r['ppl']:.3f} | {delta} | "
-                     f"{100 * r['top1_agree']:.1f}% | {r['mean_kl']:.2e} | {r['max_abs_logit']:.3f} | {r.get('load_s', '')} |")
+        delta = f"{r['ppl_delta_pct']:+.3f}%" if "ppl_delta_pct" in r else "(reference)"
+        lines.append(f"| {r['checkpoint']} | {r['format']} | {r['loader']} | {r['dtype']} | pass | {r['ppl']:.3f} | {delta} | "
+                     f"{100 * r['top1_agree']:.1f}% | {r['mean_kl']:.2e} | {r['max_abs_logit']:.4f} | {r.get('load_s', '')} |")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_loaders.md").write_text(
-        f"float16 everywhere; WikiText-2 test, first {args.windows} windows of {args.seqlen} tokens; logits on the first window.\n\n" + table)
-    write_json(args.out / "export_loaders.json", {"windows": args.windows, "seqlen": args.seqlen, "rows": rows,
-                                                  "environment": environment()})
+    (args.out / f"{args.name}.md").write_text(
+        f"WikiText-2 test, first {args.windows} windows of {args.seqlen} tokens; logits on the first window; each "
+        "loader compared with eqat's own forward in the loader's dtype.\n\n" + table)
+    write_json(args.out / f"{args.name}.json", {"windows": args.windows, "seqlen": args.seqlen, "rows": rows,
+                                                "environment": environment()})
 
 
 if __name__ == "__main__":
