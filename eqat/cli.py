@@ -257,6 +257,49 @@ def export_cmd(
                   f"{report['seconds']:.1f} s; notes {report['notes']})")
 
 
+@app.command(epilog="Examples:\n\n  eqat validate out/w4 --export out/w4-gptq --export out/w4-onnx\n\n"
+             "  eqat validate out/w4 --export out/w4-ct --backends transformers,vllm --vllm-python /opt/vllm/bin/python\n\n"
+             "  eqat validate out/w2 --export out/w2-gptq --windows 4 --max-ppl-delta 0.5 --json\n\n"
+             "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed), 2 bad input.")
+def validate(
+    model: str = typer.Argument(..., help="eqat checkpoint (the reference)."),
+    export: list[Path] = typer.Option([], "--export", "-e", help="An `eqat export` folder to check; repeatable."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset of: eqat-torch, eqat-triton, gptqmodel, "
+                                           "transformers, onnxruntime, vllm, bitblas; default: every one that reads the folders."),
+    windows: int = typer.Option(2, help="WikiText-2 test windows to score."),
+    seqlen: int = typer.Option(512, help="Window length in tokens."),
+    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
+    max_ppl_delta: float = typer.Option(1.0, help="Fail beyond this |perplexity delta| in percent."),
+    min_top1: float = typer.Option(0.98, help="Fail below this top-1 agreement (fraction)."),
+    max_kl: float = typer.Option(1e-3, help="Fail above this mean KL divergence (nats)."),
+    vllm_python: Optional[str] = typer.Option(None, help="Python of a virtualenv with vLLM (it runs in a subprocess)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder; default <MODEL>/validate (replaced)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Load the checkpoint and its exports through the real runtimes and compare them (validate.json/.md/.html)."""
+    from eqat.validate import Thresholds, validate as run_validate, write_report
+    from eqat.validate.report import COLUMNS, table_rows
+
+    report = run_validate(model, export, [b.strip() for b in backends.split(",")] if backends else None, windows=windows,
+                          seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
+                          thresholds=Thresholds(max_ppl_delta, min_top1, max_kl))
+    folder = write_report(report, out_dir or Path(model) / "validate")
+    if json_out:
+        out.print_json(json.dumps(report, default=str))
+    elif not quiet:
+        t = Table(title=f"eqat validate: {Path(model).name} ({report['windows']} x {report['seqlen']} tokens)")
+        for col in COLUMNS:
+            t.add_column(col, overflow="fold")
+        style = {"pass": "green", "fail": "bold red", "error": "bold red", "skipped": "dim", "reference": "cyan"}
+        for row in table_rows(report):
+            t.add_row(*row, style=style.get(row[3]))
+        out.print(t)
+        out.print(f"{'PASS' if report['passed'] else 'FAIL'}; report: {folder}/validate.html, validate.json, validate.md")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command(epilog="Examples:\n\n  eqat info\n\n  eqat info eqat-out/SmolLM2-135M-Instruct-w4g64-rtn")
 def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2.")) -> None:
     """Describe a model folder or eqat checkpoint: architecture, quantizable layers, scheme."""

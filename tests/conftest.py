@@ -80,3 +80,23 @@ def e2e_killed_at(step: int):
         return original(self, s, n)
 
     return killed
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `eqat ARGS...` in process: (exit code, stdout, stderr with whitespace collapsed)."""
+    import sys
+
+    from eqat.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["eqat", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, " ".join(err.split())  # rich wraps long lines
+
+    return run

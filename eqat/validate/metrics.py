@@ -1,0 +1,78 @@
+"""What the validator measures for one backend against the reference, on the same windows.
+
+`score(model_fn, windows, reference)`: perplexity over the windows, logit agreement with the
+reference's logits (max / mean absolute difference, mean KL(reference || backend), top-1 token
+agreement), and throughput. `greedy_agreement`: how many greedy tokens match the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from eqat.evaluate import window_nll
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # ids int64 [1, T] -> logits float [1, T, V]
+
+
+@dataclass
+class Thresholds:
+    """A backend passes when all hold (defaults suit float16 runtimes against eqat's forward)."""
+
+    max_ppl_delta_pct: float = 1.0  # |ppl / reference ppl - 1| in percent
+    min_top1_agree: float = 0.98  # fraction of positions whose argmax matches the reference
+    max_mean_kl: float = 1e-3  # mean KL(reference || backend) per position, nats
+
+    def failures(self, row: dict) -> list[str]:
+        out = []
+        if abs(row["ppl_delta_pct"]) > self.max_ppl_delta_pct:
+            out.append(f"ppl delta {row['ppl_delta_pct']:+.2f}% beyond +-{self.max_ppl_delta_pct}%")
+        if row.get("top1_agree") is not None and row["top1_agree"] < self.min_top1_agree:
+            out.append(f"top-1 agreement {100 * row['top1_agree']:.1f}% below {100 * self.min_top1_agree:.1f}%")
+        if row.get("mean_kl") is not None and row["mean_kl"] > self.max_mean_kl:
+            out.append(f"mean KL {row['mean_kl']:.2e} above {self.max_mean_kl:.0e}")
+        return out
+
+
+def run_windows(logits_fn: Logits, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """Logits (float32, on the CPU) of each window, and the seconds the forwards took."""
+    outs, seconds = [], 0.0
+    for w in windows:
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = logits_fn(w)
+        seconds += time.perf_counter() - t
+        outs.append(logits.float().cpu())
+    return outs, seconds
+
+
+def perplexity_of(logits: list[torch.Tensor], windows: list[torch.Tensor]) -> float:
+    nll = count = 0
+    for out, w in zip(logits, windows):
+        n, c = window_nll(out, w)
+        nll, count = nll + n, count + c
+    return math.exp(nll / count)
+
+
+def agreement(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+    """Logit agreement over every position of every window."""
+    got, ref = torch.cat([x[0] for x in logits]), torch.cat([x[0] for x in reference])  # [P, V]
+    diff = (got - ref).abs()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return {"max_abs_logit": diff.max().item(), "mean_abs_logit": diff.mean().item(), "mean_kl": kl.mean().item(),
+            "top1_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """Per prompt, the share of generated tokens equal to the reference's up to the first
+    difference (1.0 = identical continuations); averaged, with the count of identical ones."""
+    shares, same = [], 0
+    for got, ref in zip(tokens, reference):
+        prefix = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        shares.append(prefix / max(len(ref), 1))
+        same += got == ref
+    return {"greedy_prefix_agree": sum(shares) / max(len(shares), 1), "greedy_identical": same}

@@ -1,0 +1,103 @@
+"""Writes a validation report: validate.json (everything), validate.md (the table),
+validate.html (the table and a plot of per-backend KL divergence and top-1 agreement) and
+validate.png, into a folder renamed into place when complete."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from eqat.checkpoint import atomic_dir
+from eqat.report import environment
+
+COLUMNS = ("export", "backend", "dtype", "status", "ppl", "ppl delta", "top-1", "mean KL", "max |dlogit|",
+           "greedy", "load s", "tok/s", "note")
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """One list of cells per row, in COLUMNS order."""
+    out = []
+    for r in report["rows"]:
+        note = r.get("reason") or "; ".join(r.get("failures") or [])
+        delta = "(reference)" if r["status"] == "reference" else _fmt(r.get("ppl_delta_pct"), "+.3f") + ("%" if r.get("ppl_delta_pct") is not None else "")
+        greedy = "" if r.get("greedy_prefix_agree") is None else f"{100 * r['greedy_prefix_agree']:.0f}% ({r['greedy_identical']}/{len(report['prompts'])})"
+        out.append([r["name"], r["backend"], r.get("dtype", ""), r["status"], _fmt(r.get("ppl"), ".3f"), delta,
+                    "" if r.get("top1_agree") is None else f"{100 * r['top1_agree']:.1f}%", _fmt(r.get("mean_kl"), ".2e"),
+                    _fmt(r.get("max_abs_logit"), ".4f"), greedy, _fmt(r.get("load_s"), ".1f"),
+                    _fmt(r.get("tokens_per_s"), ".0f"), note])
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(report)]
+    t = report["thresholds"]
+    return (f"Reference: eqat checkpoint `{report['model']}` ({report['scheme']}); WikiText-2 test, {report['windows']} "
+            f"windows of {report['seqlen']} tokens; greedy agreement over {report['new_tokens']} new tokens on "
+            f"{len(report['prompts'])} prompts. Each backend is compared with eqat's own forward in the backend's dtype. "
+            f"Thresholds: |ppl delta| <= {t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, "
+            f"mean KL <= {t['max_mean_kl']:.0e}. Verdict: **{'PASS' if report['passed'] else 'FAIL'}**.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Per-backend mean KL (log scale) and top-1 agreement; False when no row has logits."""
+    rows = [r for r in report["rows"] if r.get("mean_kl") is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['name']}\n{r['backend']}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.5))
+    colors = ["tab:green" if r["status"] == "pass" else "tab:red" for r in rows]
+    a.bar(labels, [max(r["mean_kl"], 1e-12) for r in rows], color=colors)
+    a.axhline(report["thresholds"]["max_mean_kl"], color="k", ls="--", lw=1)
+    a.set_yscale("log")
+    a.set_title("mean KL(reference || backend), nats")
+    b.bar(labels, [100 * r["top1_agree"] for r in rows], color=colors)
+    b.axhline(100 * report["thresholds"]["min_top1_agree"], color="k", ls="--", lw=1)
+    b.set_ylim(min(90, min(100 * r["top1_agree"] for r in rows) - 1), 100.5)
+    b.set_title("top-1 agreement with the reference, %")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def html_page(report: dict, png: Path | None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr class='{}'>{}</tr>".format(
+        html.escape(row[3]), "".join(f"<td>{html.escape(c)}</td>" for c in row)) for row in table_rows(report))
+    img = ""
+    if png is not None:
+        img = f"<img alt='per-backend KL and top-1 agreement' src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>"
+    verdict = "PASS" if report["passed"] else "FAIL"
+    return (f"<!doctype html><meta charset='utf-8'><title>eqat validate: {html.escape(Path(report['model']).name)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:3px 6px;font-size:13px}.pass td:nth-child(4){color:green}.fail td:nth-child(4),.error td:nth-child(4)"
+            "{color:#b00;font-weight:bold}.skipped{color:#777}</style>"
+            f"<h1>eqat validate: {verdict}</h1><p>{html.escape(markdown(report).split(chr(10))[0])}</p>"
+            f"<table><tr>{head}</tr>{body}</table>{img}")
+
+
+def write_report(report: dict, out: Path, force: bool = True) -> Path:
+    """Write the report files into `out` (atomically); returns `out`."""
+    report = {**report, "environment": environment()}
+    with atomic_dir(out, force=force) as tmp:
+        (tmp / "validate.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "validate.md").write_text(markdown(report))
+        png = tmp / "validate.png"
+        (tmp / "validate.html").write_text(html_page(report, png if plot(report, png) else None))
+    return out

@@ -1,0 +1,151 @@
+"""`validate(model_dir, exports, backends, ...)`: the eqat checkpoint is the reference; every
+(folder, backend) pair that can run here is loaded and scored on the same token windows and
+prompts against eqat's own forward in the same dtype; the rest are reported as skipped, with
+the reason. Returns the report (rows + verdict); eqat/validate/report.py writes it out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from eqat.errors import EqatInputError
+from eqat.validate.backends import BACKENDS, Loaded, folder_kind, kernel_env, vllm_why_not
+from eqat.validate.metrics import Thresholds, agreement, greedy_agreement, perplexity_of, run_windows
+
+PROMPTS = ("The capital of France is", "In 1905, Albert Einstein published",
+           "The three primary colours are", "def fibonacci(n):")
+
+
+def greedy(logits_fn, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy continuation by full re-computation (no cache: the same procedure for every backend)."""
+    ids = prompt
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            nxt = logits_fn(ids)[0, -1].float().argmax().view(1, 1).cpu()
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids[0, prompt.shape[1]:].tolist()
+
+
+class Reference:
+    """eqat's own forward on the windows and prompts, computed once per dtype."""
+
+    def __init__(self, model_dir: Path, windows: list[torch.Tensor], prompts: list[torch.Tensor], new_tokens: int):
+        self.model_dir, self.windows, self.prompts, self.new_tokens = model_dir, windows, prompts, new_tokens
+        self.cache: dict[torch.dtype, dict[str, Any]] = {}
+
+    def get(self, dtype: torch.dtype) -> dict[str, Any]:
+        if dtype not in self.cache:
+            from eqat.checkpoint import load_quantized
+
+            model = load_quantized(self.model_dir)[0].to(dtype)
+
+            def fn(ids: torch.Tensor) -> torch.Tensor:
+                with kernel_env("torch"):
+                    return model(ids).logits
+            logits, seconds = run_windows(fn, self.windows)
+            self.cache[dtype] = {"logits": logits, "seconds": seconds, "ppl": perplexity_of(logits, self.windows),
+                                 "greedy": [greedy(fn, p, self.new_tokens) for p in self.prompts]}
+        return self.cache[dtype]
+
+
+def _score(loaded: Loaded, ref: Reference, load_s: float) -> dict[str, Any]:
+    logits, seconds = run_windows(loaded.logits, ref.windows)
+    base = ref.get(loaded.dtype)
+    tokens = sum(w.numel() for w in ref.windows)
+    row = {"ppl": perplexity_of(logits, ref.windows), "load_s": round(load_s, 2), "tokens_per_s": tokens / seconds,
+           **agreement(logits, base["logits"]),
+           **greedy_agreement([greedy(loaded.logits, p, ref.new_tokens) for p in ref.prompts], base["greedy"])}
+    row["ppl_delta_pct"] = 100 * (row["ppl"] / base["ppl"] - 1)
+    row["reference_ppl"] = base["ppl"]
+    return row
+
+
+def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> dict[str, Any]:
+    """vLLM in a subprocess: perplexity from the log-probabilities of the actual tokens, greedy tokens."""
+    spec = {"model": str(folder), "dtype": "bfloat16" if not torch.cuda.is_available() else "float16",
+            "windows": [w[0].tolist() for w in ref.windows], "prompts": [p[0].tolist() for p in ref.prompts],
+            "max_new_tokens": ref.new_tokens, "max_model_len": max(w.shape[1] for w in ref.windows) + 8}
+    worker = Path(__file__).with_name("vllm_worker.py")
+    proc = subprocess.run([python or sys.executable, str(worker)], input=json.dumps(spec), capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    if proc.returncode:
+        lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
+        raise RuntimeError((lines[-1] if lines else proc.stderr[-400:]).strip()[-400:])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    import math
+
+    ppl = math.exp(sum(res["nll"]) / sum(res["count"]))
+    base = ref.get(torch.float32)
+    return {"ppl": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1), "reference_ppl": base["ppl"],
+            "load_s": round(res["load_s"], 2), "tokens_per_s": sum(res["count"]) / res["forward_s"],
+            "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": None,
+            **greedy_agreement(res["greedy"], base["greedy"])}
+
+
+def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: list[str] | None = None,
+             windows: int = 2, seqlen: int = 512, new_tokens: int = 16, thresholds: Thresholds = Thresholds(),
+             vllm_python: str | None = None, vllm_timeout: int = 900, progress: bool = True) -> dict[str, Any]:
+    """Score every export (and the checkpoint itself on other kernels) against the checkpoint."""
+    from eqat.checkpoint import load_quantized
+    from eqat.data import eval_token_ids
+    from eqat.model import check_model_dir
+
+    model_dir = check_model_dir(model_dir)
+    if folder_kind(model_dir)[0] != "eqat":
+        raise EqatInputError(f"{model_dir} is not an eqat checkpoint (no eqat_config.json); validate takes the checkpoint "
+                             "you exported from, then --export for each export folder.")
+    unknown = set(backends or ()) - set(BACKENDS)
+    if unknown:
+        raise EqatInputError(f"unknown backend(s) {sorted(unknown)}; available: {', '.join(BACKENDS)}.")
+    folders = [(model_dir, "eqat", folder_kind(model_dir)[1])]
+    for e in exports:
+        path = check_model_dir(e)
+        kind, qc = folder_kind(path)
+        folders.append((path, kind, qc))
+    _, tok, meta = load_quantized(model_dir)
+    ids = eval_token_ids(tok, "wikitext2")
+    if ids.numel() < windows * seqlen:
+        raise EqatInputError(f"the evaluation text has {ids.numel()} tokens, fewer than {windows} x {seqlen}; lower --windows or --seqlen.")
+    ref = Reference(model_dir, [ids[None, i * seqlen:(i + 1) * seqlen] for i in range(windows)],
+                    [tok(p, return_tensors="pt").input_ids for p in PROMPTS], new_tokens)
+
+    plan = [(folder, kind, qc, b) for folder, kind, qc in folders for b in BACKENDS.values()
+            if kind in b.kinds and (backends is None or b.name in backends)]
+    rows = []
+    for folder, kind, qc, backend in tqdm(plan, desc="validate", unit="backend", disable=not progress):
+        row = {"folder": str(folder), "name": folder.name, "kind": kind, "backend": backend.name}
+        if folder == model_dir and backend.name == "eqat-torch":
+            base = ref.get(torch.float32)
+            rows.append({**row, "status": "reference", "dtype": "float32", "ppl": base["ppl"], "ppl_delta_pct": 0.0,
+                         "tokens_per_s": sum(w.numel() for w in ref.windows) / base["seconds"]})
+            continue
+        reason = vllm_why_not(kind, qc, vllm_python) if backend.name == "vllm" else backend.why_not(kind, qc)
+        if reason:
+            rows.append({**row, "status": "skipped", "reason": reason})
+            continue
+        t = time.perf_counter()
+        try:
+            if backend.load is None:
+                row.update(run_vllm(folder, ref, vllm_python, vllm_timeout), dtype="bfloat16")
+            else:
+                loaded = backend.load(folder, kind, qc)
+                row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."))
+                del loaded
+        except Exception as exc:  # a runtime that fails is a failed check, with its message
+            rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            continue
+        failures = thresholds.failures(row)
+        rows.append({**row, "status": "fail" if failures else "pass", "failures": failures})
+    ok = all(r["status"] in ("pass", "reference", "skipped") for r in rows)
+    return {"model": str(model_dir), "scheme": meta["scheme"], "windows": windows, "seqlen": seqlen,
+            "new_tokens": new_tokens, "prompts": list(PROMPTS), "thresholds": vars(thresholds), "rows": rows,
+            "passed": ok}

@@ -1,0 +1,102 @@
+"""`eqat validate`: a tiny checkpoint and its exports through every runtime installed here,
+scored against eqat's own forward; skipped backends say why; thresholds decide the exit code."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from eqat.checkpoint import save_quantized
+from eqat.errors import EqatInputError
+from eqat.exporters import export_checkpoint
+from eqat.scheme import QuantScheme
+from eqat.train.rtn import quantize_rtn
+from eqat.validate import Thresholds, validate, write_report
+from eqat.validate.backends import folder_kind
+from eqat.validate.metrics import agreement, greedy_agreement
+
+SMALL = dict(windows=2, seqlen=32, new_tokens=4, progress=False)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_tokenizer):
+    model = tiny_model("llama", vocab=len(tiny_tokenizer))
+    quantize_rtn(model, QuantScheme(4, 32))
+    return save_quantized(model, tiny_tokenizer, tmp_path / "ck")
+
+
+def test_metrics():
+    a = torch.randn(1, 5, 11)
+    same = agreement([a], [a])
+    assert same["max_abs_logit"] == 0 and same["top1_agree"] == 1 and abs(same["mean_kl"]) < 1e-6
+    b = a.clone()
+    b[0, 0, a[0, 0].argmax()] -= 100  # one position changes its top token
+    assert agreement([b], [a])["top1_agree"] == pytest.approx(0.8) and agreement([b], [a])["mean_kl"] > 0.01
+    g = greedy_agreement([[1, 2, 3, 4], [1, 2, 3, 4]], [[1, 2, 3, 4], [1, 9, 3, 4]])
+    assert g == {"greedy_prefix_agree": (1 + 0.25) / 2, "greedy_identical": 1}
+    t = Thresholds()
+    assert t.failures({"ppl_delta_pct": 0.5, "top1_agree": 0.99, "mean_kl": 1e-4}) == []
+    assert len(t.failures({"ppl_delta_pct": -2.0, "top1_agree": 0.5, "mean_kl": 1.0})) == 3
+    assert t.failures({"ppl_delta_pct": 0.1, "top1_agree": None, "mean_kl": None}) == []  # vLLM: perplexity only
+
+
+def test_every_installed_runtime_agrees_with_eqat(checkpoint, tmp_path):
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("compressed_tensors")
+    exports = []
+    for fmt in ("gptq", "onnx", "compressed-tensors"):
+        export_checkpoint(checkpoint, fmt, tmp_path / fmt)
+        exports.append(tmp_path / fmt)
+    report = validate(checkpoint, exports, **SMALL)
+    rows = {(r["name"], r["backend"]): r for r in report["rows"]}
+    assert rows[("ck", "eqat-torch")]["status"] == "reference"
+    ran = {k: r for k, r in rows.items() if r["status"] not in ("reference", "skipped")}
+    assert set(ran) == {("gptq", "gptqmodel"), ("gptq", "transformers"), ("onnx", "onnxruntime"),
+                        ("compressed-tensors", "transformers")}
+    for key, r in ran.items():
+        assert r["status"] == "pass", (key, r)
+        assert abs(r["ppl_delta_pct"]) < 0.5 and r["top1_agree"] > 0.98 and r["tokens_per_s"] > 0
+        assert 0 <= r["greedy_prefix_agree"] <= 1 and math.isfinite(r["mean_kl"])
+    for key in [("onnx", "onnxruntime"), ("compressed-tensors", "transformers")]:  # float32 vs float32
+        assert rows[key]["dtype"] == "float32" and rows[key]["greedy_identical"] == 4
+    skipped = {k: r["reason"] for k, r in rows.items() if r["status"] == "skipped"}
+    if not torch.cuda.is_available():
+        assert "CUDA" in skipped[("ck", "eqat-triton")] and "CUDA" in skipped[("gptq", "bitblas")]
+    assert "vLLM reads GPTQ only 4/8-bit symmetric v1" in skipped[("gptq", "vllm")]
+    assert report["passed"]
+
+    folder = write_report(report, tmp_path / "report")
+    saved = json.loads((folder / "validate.json").read_text())
+    assert saved["passed"] and len(saved["rows"]) == len(report["rows"]) and "environment" in saved
+    assert "| gptq | gptqmodel | float16 | pass |" in (folder / "validate.md").read_text()
+    page = (folder / "validate.html").read_text()
+    assert "data:image/png;base64," in page and "eqat validate: PASS" in page
+
+
+def test_cli_exit_codes(cli, checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    export_checkpoint(checkpoint, "onnx", tmp_path / "onnx")
+    args = ["validate", str(checkpoint), "--export", str(tmp_path / "onnx"), "--windows", "1", "--seqlen", "32",
+            "--new-tokens", "2", "-q"]
+    assert cli(*args, "--out", str(tmp_path / "r1"))[0] == 0
+    code, out, _ = cli(*args, "--out", str(tmp_path / "r2"), "--max-kl", "0", "--json")
+    rows = {r["backend"]: r for r in json.loads(out)["rows"]}
+    assert code == 1 and rows["onnxruntime"]["status"] == "fail" and "mean KL" in rows["onnxruntime"]["failures"][0]
+    assert (tmp_path / "r2" / "validate.json").exists()
+    code, _, err = cli("validate", str(tmp_path / "onnx"), "-q")
+    assert code == 2 and "is not an eqat checkpoint" in err
+    code, _, err = cli("validate", str(checkpoint), "--backends", "tensorrt", "-q")
+    assert code == 2 and "unknown backend(s) ['tensorrt']" in err
+
+
+def test_folder_kinds(checkpoint, tmp_path):
+    assert folder_kind(checkpoint)[0] == "eqat"
+    export_checkpoint(checkpoint, "awq", tmp_path / "awq")
+    assert folder_kind(tmp_path / "awq")[0] == "awq"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    with pytest.raises(EqatInputError, match="neither an eqat checkpoint nor an export"):
+        folder_kind(tmp_path / "plain")
