@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from eqat.cliconfig import apply_config, save_config
 from eqat.errors import EqatError, EqatInputError
 from eqat.run import CalibOptions
 from eqat.train.blockap import BlockAPConfig
@@ -27,6 +28,10 @@ app = typer.Typer(
 err = Console(stderr=True)
 _CALIB, _BAP, _E2E = CalibOptions(), BlockAPConfig(), E2EQPConfig()  # defaults come from the option dataclasses
 out = Console()
+
+CONFIG = typer.Option(None, "--config", "-c", callback=apply_config, is_eager=True, expose_value=True,
+                      help="YAML file of this command's options (names as below, e.g. `max_windows: 8`); flags given "
+                           "here win. Every run writes the options it used to <output>/eqat_<command>.yaml.")
 
 # E2E-QP options, shared by `quantize` and `train-e2e`
 E2E_DATA = typer.Option(_E2E.data, "--e2e-data", help="E2E-QP training text: c4, a .txt/.jsonl path; a .jsonl with prompt/response fields trains on the responses only.")
@@ -78,6 +83,8 @@ def _fmt_ppl(r: Optional[dict]) -> str:
              "  eqat quantize --model ./Qwen2.5-7B --device cuda --nsamples 4096 --calib-seqlen 2048 --offload disk\n\n"
              "Re-running a killed Block-AP command resumes at the first unfinished block.")
 def quantize(
+    ctx: typer.Context,
+    config: Optional[str] = CONFIG,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct."),
     method: str = typer.Option("block-ap", help="Quantization method: block-ap (EfficientQAT phase 1) or rtn."),
     scheme: Optional[str] = typer.Option(None, help="Short scheme name, e.g. w4g64, w2g-1, w4g128sym (overrides --bits/--group-size/--symmetric)."),
@@ -131,6 +138,7 @@ def quantize(
         progress=not quiet,
     )
     report = quantize_run(opts)
+    save_config(ctx, report["output"])
     if json_out:
         out.print_json(json.dumps(report, default=str))
         return
@@ -162,6 +170,7 @@ def quantize(
 @app.command("eval", epilog="Examples:\n\n  eqat eval                              # the embedded SmolLM2, unquantized\n\n"
              "  eqat eval eqat-out/SmolLM2-135M-Instruct-w4g64-rtn --max-windows 8")
 def eval_cmd(
+    config: Optional[str] = CONFIG,
     model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2."),
     data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
     seqlen: int = typer.Option(2048, help="Window length in tokens."),
@@ -189,6 +198,8 @@ def eval_cmd(
              "  eqat train-e2e ckpt --e2e-data sft.jsonl --prompt-format chat --e2e-steps 200 --out ckpt-sft\n\n"
              "Re-running a killed command resumes from the last saved step.")
 def train_e2e(
+    ctx: typer.Context,
+    config: Optional[str] = CONFIG,
     checkpoint: Path = typer.Argument(..., help="eqat checkpoint folder (from `eqat quantize`)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default <checkpoint>-e2e."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -217,6 +228,7 @@ def train_e2e(
     cfg.seed = seed
     report = train_e2e_run(TrainE2EOptions(str(checkpoint), str(out_dir) if out_dir else None, device, force, evaluate,
                                            EvalOptions(eval_data, seqlen, max_windows), cfg, progress=not quiet))
+    save_config(ctx, report["output"])
     if json_out:
         out.print_json(json.dumps(report, default=str))
     elif not quiet:
@@ -230,6 +242,8 @@ def train_e2e(
 @app.command("export", epilog="Examples:\n\n  eqat export eqat-out/SmolLM2-135M-Instruct-w4g64-block-ap --format gptq --out smol-gptq\n\n"
              "  eqat export ckpt --format gptq --checkpoint-format gptq --out ckpt-gptq-v1   # force v1")
 def export_cmd(
+    ctx: typer.Context,
+    config: Optional[str] = CONFIG,
     model: str = typer.Argument(..., help="eqat checkpoint folder (written by eqat quantize)."),
     format: str = typer.Option(..., "--format", "-f",
                                help="Target format: gptq, awq, compressed-tensors or onnx (docs/formats.md)."),
@@ -250,6 +264,7 @@ def export_cmd(
             raise EqatInputError(f"--option takes KEY=VALUE, got {item!r}; e.g. -O widen_3bit=false.")
         options[key] = {"true": True, "false": False}.get(value.lower(), value)
     report = export_checkpoint(model, format, out_dir, force=force, **options)
+    save_config(ctx, out_dir)
     if json_out:
         out.print_json(json.dumps(report, default=str))
     else:
@@ -262,6 +277,8 @@ def export_cmd(
              "  eqat validate out/w2 --export out/w2-gptq --windows 4 --max-ppl-delta 0.5 --json\n\n"
              "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed), 2 bad input.")
 def validate(
+    ctx: typer.Context,
+    config: Optional[str] = CONFIG,
     model: str = typer.Argument(..., help="eqat checkpoint (the reference)."),
     export: list[Path] = typer.Option([], "--export", "-e", help="An `eqat export` folder to check; repeatable."),
     backends: Optional[str] = typer.Option(None, help="Comma-separated subset of: eqat-torch, eqat-triton, gptqmodel, "
@@ -285,6 +302,7 @@ def validate(
                           seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
                           thresholds=Thresholds(max_ppl_delta, min_top1, max_kl))
     folder = write_report(report, out_dir or Path(model) / "validate")
+    save_config(ctx, folder)
     if json_out:
         out.print_json(json.dumps(report, default=str))
     elif not quiet:

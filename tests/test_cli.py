@@ -245,3 +245,26 @@ def test_export_command(cli, tiny_model_dir, tmp_path):
     assert code == 2 and "format 'awq' takes no option ['bits']" in err
     code, _, err = cli("export", str(src), "--format", "gptq", "--out", str(tmp_path / "h"))
     assert code == 2 and "eqat_config.json" in err and not (tmp_path / "h").exists()
+
+
+def test_config_file_reproduces_a_run(cli, tiny_model_dir, tmp_path):
+    """--config supplies options (flags still win); every run writes the options it used, and
+    that file run again gives the same checkpoint."""
+    from safetensors.torch import load_file
+
+    src = tiny_model_dir()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {src}\nmethod: rtn\nscheme: w3g32\nevaluate: false\nquiet: true\n")
+    assert cli("quantize", "--config", str(cfg), "--out", str(tmp_path / "a"))[0] == 0
+    saved = tmp_path / "a" / "eqat_quantize.yaml"
+    text = saved.read_text()
+    assert "scheme: w3g32" in text and "method: rtn" in text and "quiet" not in text
+    assert cli("quantize", "--config", str(saved), "--out", str(tmp_path / "b"), "-q")[0] == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "eqat_config.json").read_text())["scheme"]["bits"] == 3
+    cfg.write_text("scheme: w4g32\nlearning_rate: 3\n")
+    code, _, err = cli("quantize", "--config", str(cfg))
+    assert code == 2 and "has no option ['learning_rate']" in err
+    code, _, err = cli("quantize", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "cannot read --config" in err
