@@ -30,8 +30,8 @@ _CALIB, _BAP, _E2E = CalibOptions(), BlockAPConfig(), E2EQPConfig()  # defaults 
 out = Console()
 
 CONFIG = typer.Option(None, "--config", "-c", callback=apply_config, is_eager=True, expose_value=True,
-                      help="YAML file of this command's options (names as below, e.g. `max_windows: 8`); flags given "
-                           "here win. Every run writes the options it used to <output>/eqat_<command>.yaml.")
+                      help="YAML file of this command's options, keyed by parameter name (e.g. `max_windows: 8`, "
+                           "`evaluate: false`; docs/cli.md lists the keys); flags given here win. Every run writes the options it used to <output>/eqat_<command>.yaml.")
 
 # E2E-QP options, shared by `quantize` and `train-e2e`
 E2E_DATA = typer.Option(_E2E.data, "--e2e-data", help="E2E-QP training text: c4, a .txt/.jsonl path; a .jsonl with prompt/response fields trains on the responses only.")
