@@ -20,6 +20,7 @@ from eqat.checkpoint import is_eqat_checkpoint, load_quantized, quantized_module
 from eqat.data import eval_token_ids
 from eqat.errors import EqatInputError
 from eqat.evaluate import perplexity
+from eqat.lock import output_lock
 from eqat.model import load_model, model_size_bytes, parse_dtype
 from eqat.report import environment, plot_block_losses, plot_layer_errors, write_json
 from eqat.scheme import QuantScheme
@@ -137,7 +138,15 @@ def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
 
 
 def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
-    """Load, (evaluate,) quantize, (evaluate,) save. Returns the report that is also saved."""
+    """Load, (evaluate,) quantize, (evaluate,) save. Returns the report that is also saved.
+    One run per output folder: a second one refuses while this holds the folder's lock."""
+    model_path = resolve_model(opts.model)
+    out = Path(opts.out) if opts.out else Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}"
+    with output_lock(out, "eqat quantize"):
+        return _quantize_run(opts, model_path, out)
+
+
+def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[str, Any]:
     if opts.method not in METHODS:
         raise EqatInputError(f"unknown method '{opts.method}'; available: {', '.join(METHODS)}.")
     storage = parse_dtype(opts.dtype)
@@ -150,8 +159,6 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
         opts.e2e.seed = opts.calib.seed
         opts.e2e.check()
     device = resolve_device(opts.device)
-    model_path = resolve_model(opts.model)
-    out = Path(opts.out) if opts.out else Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}"
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_path)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from eqat.errors import EqatInputError
+from eqat.lock import output_lock
 from eqat.report import environment, plot_e2e_losses, write_json
 from eqat.train.e2e import E2EQPConfig, E2EQPTrainer
 from eqat.train.e2e_data import E2EData, e2e_examples
@@ -73,6 +74,16 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
     out = Path(opts.out) if opts.out else src.with_name(src.name + "-e2e")
     if out.resolve() == src.resolve():
         raise EqatInputError("--out must differ from the input checkpoint: E2E-QP writes a new checkpoint.")
+    with output_lock(out, "eqat train-e2e"):
+        return _train_e2e(opts, src, meta, out, ev, device)
+
+
+def _train_e2e(opts: TrainE2EOptions, src: Path, meta: dict, out: Path, ev: Any, device: Any) -> dict[str, Any]:
+    from eqat.checkpoint import load_quantized, save_quantized
+    from eqat.data import eval_token_ids
+    from eqat.evaluate import perplexity
+    from eqat.run import RESUME, _prepare_output
+
     t0 = time.perf_counter()
     model, tokenizer, _ = load_quantized(src)
     data = e2e_data_for(tokenizer, opts.e2e)

@@ -268,3 +268,17 @@ def test_config_file_reproduces_a_run(cli, tiny_model_dir, tmp_path):
     assert code == 2 and "has no option ['learning_rate']" in err
     code, _, err = cli("quantize", "--config", str(tmp_path / "missing.yaml"))
     assert code == 2 and "cannot read --config" in err
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_path):
+    """quantize and export refuse an output folder whose lock a live run holds (here: this process)."""
+    from eqat.lock import output_lock
+
+    src, out, ck = tiny_model_dir(), tmp_path / "busy", tmp_path / "ck"
+    assert cli("quantize", "--model", str(src), "--method", "rtn", "--out", str(ck), "--no-eval", "-q")[0] == 0
+    with output_lock(out, "eqat quantize"):
+        code, _, err = cli("quantize", "--model", str(src), "--method", "rtn", "--out", str(out), "--no-eval", "-q")
+        assert code == 2 and "is in use by another eqat run (eqat quantize, pid" in err
+        code, _, err = cli("export", str(ck), "--format", "gptq", "--out", str(out))
+        assert code == 2 and "in use by another eqat run" in err
+    assert not out.exists()

