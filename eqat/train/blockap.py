@@ -37,11 +37,13 @@ from eqat.errors import EqatError, EqatInputError
 from eqat.qlinear import QuantLinear
 from eqat.scheme import QuantScheme
 from eqat.train.fakequant import freeze_block, trainable_groups, wrap_block
+from eqat.train.guard import NonFiniteGuard, NonFiniteRun
 from eqat.train.rtn import check_scheme, replace_module
 from eqat.train.streams import OFFLOADS, ActivationStream
 
 STATE = "state.json"
 LOSSES = ("mse", "relative")
+MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
 
 
 def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -108,6 +110,9 @@ class BlockRecord:
     seconds: float
     precision: str
     train_losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (eqat/train/guard.py)
+    restarts: int = 0  # restarts from the block's state before training, each at half the learning rates
+    lr_scale: float = 1.0
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -262,11 +267,12 @@ class BlockAPTrainer:
             dst[s : s + bs] = run_block(block, src[s : s + bs].to(self.device, torch.float32), kw).cpu()
 
     def _train(self, i: int, block: nn.Module, xq: ActivationStream, yfp: ActivationStream, n_train: int, kw,
-               autocast: bool) -> tuple[list[float], int]:
+               autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0) -> tuple[list[float], int]:
         cfg = self.config
         weights, qparams = trainable_groups(block)
         opt = torch.optim.AdamW(
-            [{"params": weights, "lr": cfg.weight_lr(self.scheme.bits)}, {"params": qparams, "lr": cfg.lr_quant}],
+            [{"params": weights, "lr": cfg.weight_lr(self.scheme.bits) * lr_scale},
+             {"params": qparams, "lr": cfg.lr_quant * lr_scale}],
             weight_decay=cfg.weight_decay,
         )
         per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -287,16 +293,24 @@ class BlockAPTrainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                     out = run_block(block, x, kw)
                 loss = recon_loss(out, y, cfg.loss).mean()
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {len(losses)}")
+                step = bar.n
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                try:
+                    ok = guard.loss_ok(step, loss.item())
+                    if ok:
+                        loss.backward()
+                        ok = guard.grads_ok(step, weights + qparams)
+                except NonFiniteRun:
+                    bar.close()
+                    raise
+                if ok:
+                    opt.step()
+                    guard.good_step()
+                    losses.append(loss.item())
                 sched.step()
-                losses.append(loss.item())
                 bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3g}")
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.3g}", skipped=guard.skipped)
         bar.close()
         return losses, total
 
@@ -309,27 +323,36 @@ class BlockAPTrainer:
         yfp = ActivationStream.create(p_fp, (n, t, h), self.act_dtype, cfg.offload)
         self._apply(block, xfp, yfp, kw)
         val = range(n_train, n) if n > n_train else range(0, n_train)
-        backup = copy.deepcopy(block)
+        backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+        guard = NonFiniteGuard(f"Block-AP block {i}")
+        restarts, lr_scale = 0, 1.0
         while True:
             wrap_block(block, self.scheme)
             init_loss = self._loss(block, xq, yfp, val, kw)
             try:
-                losses, steps = self._train(i, block, xq, yfp, n_train, kw, autocast=precision != "fp32")
+                losses, steps = self._train(i, block, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale)
                 break
-            except FloatingPointError as e:
-                if precision == "fp32":
-                    raise EqatError(f"Block-AP: block {i} diverged in float32 ({e}); lower the learning rates.") from e
-                # low-precision overflow (the reference implementation's known failure): redo in fp32
+            except NonFiniteRun as e:
                 self.blocks[i] = block = copy.deepcopy(backup)
-                precision = "fp32"
+                guard.consecutive = 0
+                if precision != "fp32":  # low-precision overflow (the reference implementation's known failure)
+                    precision = "fp32"
+                    continue
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise EqatError(f"{e}, after {MAX_RESTARTS} restarts at half the learning rate each; blocks 0-{i - 1} "
+                                    "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
+                                    "or --act-dtype float32.") from e
+                lr_scale /= 2
         freeze_block(block, self.storage_dtype)
         final_loss = self._loss(block, xq, yfp, val, kw)
         xq_next = ActivationStream.create(p_q, (n, t, h), self.act_dtype, cfg.offload)
         self._apply(block, xq, xq_next, kw)
         self.blocks[i] = block.to("cpu")
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
-                          losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses)
+                          losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
+                          guard.skipped, restarts, lr_scale)
         self.records.append(rec)
         return yfp, xq_next
 

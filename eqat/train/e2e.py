@@ -35,8 +35,10 @@ from eqat.errors import EqatError, EqatInputError
 from eqat.memory import PeakMemory
 from eqat.quantizer import SCALE_MAX, SCALE_MIN
 from eqat.train.e2e_data import IGNORE, E2EData
+from eqat.train.guard import NonFiniteGuard, NonFiniteRun
 
 STATE = "e2e_state.pt"
+MAX_HALVINGS = 2  # learning-rate halvings after repeated non-finite steps before E2E-QP gives up
 SCHEDULES = ("cosine", "constant")
 
 
@@ -104,7 +106,9 @@ class E2EResult:
     tokens_per_second: float
     peak_memory: dict[str, Any]
     resumed_at: int = 0
-    log: list[dict[str, float]] = field(default_factory=list)  # per step: loss, lr, grad_norm
+    log: list[dict[str, float]] = field(default_factory=list)  # per step: loss, lr, grad_norm, skipped
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (eqat/train/guard.py)
+    lr_halvings: int = 0  # after max_skips bad steps in a row
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -260,6 +264,7 @@ class E2EQPTrainer:
             _checkpointing(model, True)
             model.train()  # transformers checkpoints only in training mode; Llama-family has no dropout
         bar = tqdm(total=total, initial=start, desc=f"E2E-QP w{self.bits}", unit="step", disable=not self.progress)
+        guard, halvings = NonFiniteGuard("E2E-QP"), 0
         with PeakMemory(self.device) as pm:
             for step in range(start, total):
                 t = time.perf_counter()
@@ -272,22 +277,36 @@ class E2EQPTrainer:
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int(batch.attention_mask.sum())
-                if not math.isfinite(loss_sum):
-                    bar.close()
-                    raise EqatError(f"E2E-QP loss became {loss_sum} at step {step}; lower --e2e-lr.")
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                opt.step()
-                self._clamp_scales()
+                try:
+                    ok = guard.loss_ok(step, loss_sum) and guard.grads_ok(step, params)
+                except NonFiniteRun as e:  # the scales are still the last good ones: go on at half the rate
+                    halvings += 1
+                    if halvings > MAX_HALVINGS:
+                        bar.close()
+                        raise EqatError(f"{e}, after {MAX_HALVINGS} learning-rate halvings; the step checkpoint in "
+                                        f"{self.state_dir} is intact: re-run with a lower --e2e-lr to resume.") from e
+                    sched.base_lrs = [lr_ / 2 for lr_ in sched.base_lrs]
+                    guard.consecutive, ok = 0, False
+                norm = float("nan")
+                if ok:
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                    opt.step()
+                    self._clamp_scales()
+                    guard.good_step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 seconds += time.perf_counter() - t
-                log.append({"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm)})
+                log.append({"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"], "grad_norm": norm,
+                            "skipped": not ok})
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum:.3f}")
                 if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                     self._save(step + 1, opt, sched, {"log": log, "seconds": seconds, "tokens": tokens,
                                                       "val_before": val_before})
         bar.close()
+        if total > start and all(r.get("skipped") for r in log[start:]):
+            raise EqatError(f"E2E-QP: no step from {start} to {total - 1} had a finite loss and gradient; the scales are "
+                            f"unchanged and the step checkpoint in {self.state_dir} is intact: lower --e2e-lr.")
         if cfg.grad_checkpointing:
             _checkpointing(model, False)
         model.eval()
@@ -297,4 +316,5 @@ class E2EQPTrainer:
             val_loss_before=val_before, val_loss_after=mean_nll(model, val, cfg.batch_size, self.device, self.autocast),
             train_seconds=seconds, tokens=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
             peak_memory=pm.to_dict(), resumed_at=start, log=log,
+            skipped_steps=sum(1 for r in log if r.get("skipped")), lr_halvings=halvings,
         )
