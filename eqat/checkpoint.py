@@ -131,16 +131,45 @@ def read_eqat_config(path: str | Path) -> dict[str, Any]:
     cfg_path = Path(path) / EQAT_CONFIG
     try:
         meta = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
         raise EqatInputError(f"cannot read {cfg_path}: {e}. The checkpoint is damaged; re-run `eqat quantize`.") from e
-    if meta.get("format") != FORMAT_NAME:
-        raise EqatInputError(f"{cfg_path} is not an eqat checkpoint config (format={meta.get('format')!r}).")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise EqatInputError(f"{cfg_path} is not an eqat checkpoint config (format={got!r}).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise EqatInputError(f"{cfg_path}: format_version must be a positive integer, not {version!r}; the file is damaged.")
+    if version > FORMAT_VERSION:
         raise EqatInputError(
-            f"{cfg_path} has checkpoint format version {meta['format_version']}, newer than this eqat "
+            f"{cfg_path} has checkpoint format version {version}, newer than this eqat "
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade eqat."
         )
+    _check_meta(meta, cfg_path)
     return meta
+
+
+def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
+    """The fields load_quantized and the exporters rely on, with their types (EqatInputError naming the field)."""
+    def bad(field: str, want: str) -> EqatInputError:
+        return EqatInputError(f"{cfg_path}: field '{field}' must be {want}, not {meta.get(field)!r:.80}; the file is damaged "
+                              "(re-run `eqat quantize`, or restore the file).")
+
+    if not isinstance(meta.get("scheme"), dict):
+        raise bad("scheme", "a mapping (bits, group_size, symmetric)")
+    try:
+        QuantScheme.from_dict(meta["scheme"])
+    except EqatInputError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise EqatInputError(f"{cfg_path}: field 'scheme' is invalid ({e!r}); the file is damaged.") from e
+    if meta.get("storage_dtype") not in ("float16", "bfloat16", "float32"):
+        raise bad("storage_dtype", "float16 or bfloat16")
+    mods = meta.get("quantized_modules")
+    if not isinstance(mods, dict) or not mods or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("bias"), bool) for k, v in mods.items()):
+        raise bad("quantized_modules", "a non-empty mapping of module name to {bias: true|false}")
+    if not isinstance(meta.get("provenance", {}), dict):
+        raise bad("provenance", "a mapping")
 
 
 def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -154,7 +183,10 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     meta = read_eqat_config(p)
     scheme = QuantScheme.from_dict(meta["scheme"])
     dtype = parse_dtype(meta["storage_dtype"])
-    config = AutoConfig.from_pretrained(p)
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EqatInputError(f"cannot read {p / 'config.json'}: {str(e)[:300]}; the checkpoint is damaged.") from e
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, info in meta["quantized_modules"].items():
@@ -163,7 +195,12 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         except AttributeError as e:
             raise EqatInputError(f"{p / EQAT_CONFIG} names module '{name}', which the model in config.json lacks.") from e
         parent, _, child = name.rpartition(".")
-        new = QuantLinear(old.in_features, old.out_features, scheme, bias=info["bias"], dtype=dtype, device="meta")
+        if not isinstance(old, nn.Linear):
+            raise EqatInputError(f"{p / EQAT_CONFIG} names module '{name}', which is a {type(old).__name__}, not a Linear.")
+        try:
+            new = QuantLinear(old.in_features, old.out_features, scheme, bias=info["bias"], dtype=dtype, device="meta")
+        except ValueError as e:
+            raise EqatInputError(f"{p / EQAT_CONFIG}: scheme {scheme.name} does not fit module '{name}' ({e}).") from e
         setattr(model.get_submodule(parent), child, new)
     try:
         state = load_file(str(p / WEIGHTS))
@@ -179,5 +216,9 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         raise EqatInputError(
             f"{p / WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, TypeError) as e:
+        raise EqatInputError(f"cannot load the tokenizer of {p} ({str(e)[:200]}); copy the base model's tokenizer files "
+                             "(tokenizer.json, tokenizer_config.json) into the checkpoint.") from e
     return model.to(device).eval(), tokenizer, meta

@@ -34,9 +34,13 @@ def check_model_dir(path: str | Path) -> Path:
                              "Point --model at the folder that holds config.json and the weights.")
     try:
         config = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
         raise EqatInputError(f"cannot read {cfg}: {e}. Restore the file from the original model.") from e
+    if not isinstance(config, dict):
+        raise EqatInputError(f"{cfg} holds a JSON {type(config).__name__}, not a model config. Restore the file from the original model.")
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise EqatInputError(f"{cfg}: 'architectures' must be a list of class names, not {archs!r:.80}.")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise EqatInputError(f"{p} holds a {', '.join(archs)}, not a causal LM; eqat quantizes decoder-only "
                              "causal language models (…ForCausalLM).")
