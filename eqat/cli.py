@@ -252,6 +252,7 @@ def export_cmd(
         None, help="gptq only: auto (v1 if symmetric, else v2), gptq (v1) or gptq_v2."),
     option: list[str] = typer.Option([], "--option", "-O", help="A format option KEY=VALUE, e.g. -O widen_3bit=false (onnx); repeatable."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
 ) -> None:
     """Repack an eqat checkpoint, losslessly, into a format a runtime loads (docs/formats.md)."""
@@ -263,11 +264,11 @@ def export_cmd(
         if not sep or not key:
             raise EqatInputError(f"--option takes KEY=VALUE, got {item!r}; e.g. -O widen_3bit=false.")
         options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    report = export_checkpoint(model, format, out_dir, force=force, **options)
+    report = export_checkpoint(model, format, out_dir, force=force, progress=not quiet, **options)
     save_config(ctx, out_dir)
     if json_out:
         out.print_json(json.dumps(report, default=str))
-    else:
+    elif not quiet:
         out.print(f"wrote {out_dir} ({report['format']}, {report['quantized_layers']} layers, "
                   f"{report['seconds']:.1f} s; notes {report['notes']})")
 

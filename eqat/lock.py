@@ -39,6 +39,15 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary siblings `.<name>.tmp-*` (atomic_dir, write_json) left by a killed run: with the
+    lock held no other eqat run can be writing them."""
+    import shutil
+
+    for tmp in out.absolute().parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def output_lock(out: str | Path, command: str = "eqat") -> Iterator[Path]:
     """Hold the lock of output folder `out` for the block; raise EqatInputError if another live run holds it."""
@@ -71,6 +80,7 @@ def output_lock(out: str | Path, command: str = "eqat") -> Iterator[Path]:
         break
     else:
         raise EqatInputError(f"cannot take the lock {path}; delete it if no eqat run is writing {Path(out)}.")
+    _remove_stale_temporaries(Path(out))
     try:
         yield path
     finally:

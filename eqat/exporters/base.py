@@ -123,7 +123,7 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
 
 
 def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = False,
-                      max_shard_size: str = "4GB", **options: Any) -> dict[str, Any]:
+                      max_shard_size: str = "4GB", progress: bool = True, **options: Any) -> dict[str, Any]:
     """Export the eqat checkpoint `src` to `fmt` in `out`; returns the export report."""
     if fmt not in EXPORTERS:
         raise EqatInputError(f"unknown export format '{fmt}'; available: {', '.join(EXPORTERS)}.")
@@ -149,7 +149,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
                              f"Formats and who loads them: {formats_table()}.")
     state: dict[str, torch.Tensor] = dict(rest)
     notes: dict[str, int] = {}
-    for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer"):
+    for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer", disable=not progress):
         tensors, layer_notes = exporter.convert_layer(layer, scheme, opts)
         state.update({f"{name}.{suffix}": t.contiguous() for suffix, t in tensors.items()})
         for key, count in layer_notes.items():

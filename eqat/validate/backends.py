@@ -43,9 +43,15 @@ def folder_kind(path: Path) -> tuple[str, dict]:
 
 @dataclass
 class Loaded:
-    logits: Callable[[torch.Tensor], torch.Tensor]  # ids [1, T] -> logits [1, T, V]
+    logits: Callable[..., torch.Tensor]  # (ids [B, T], attention_mask [B, T] or None) -> logits [B, T, V]
     dtype: torch.dtype
     device: str
+    kernel: str = ""  # the runtime's layer class, where it has a choice
+
+
+def _kernel_name(model: Any) -> str:
+    """Class name of the first quantized linear of a loaded model (e.g. GPTQModel's TorchAtenLinear)."""
+    return next((type(m).__name__ for m in model.modules() if hasattr(m, "qweight") or hasattr(m, "weight_packed")), "")
 
 
 @dataclass
@@ -69,9 +75,12 @@ def _missing(*modules: str) -> str | None:
     return f"{', '.join(gone)} not installed: pip install {' '.join(m.replace('_', '-') for m in gone)}" if gone else None
 
 
-def _hf_logits(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+def _hf_logits(model: Any) -> Callable[..., torch.Tensor]:
     device = next(model.parameters()).device
-    return lambda ids: model(ids.to(device)).logits
+
+    def logits(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device)).logits
+    return logits
 
 
 # eqat's own forward (the reference), through each kernel backend
@@ -97,9 +106,9 @@ def _load_eqat(kernel: str, device: str, dtype: torch.dtype) -> Callable[[Path, 
         model = load_quantized(folder, device=device)[0].to(dtype)
         forward = _hf_logits(model)
 
-        def logits(ids: torch.Tensor) -> torch.Tensor:
+        def logits(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
             with kernel_env(kernel):
-                return forward(ids)
+                return forward(ids, mask)
         return Loaded(logits, dtype, device)
     return load
 
@@ -126,12 +135,11 @@ def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
 
 def _load_gptqmodel(folder: Path, kind: str, qc: dict) -> Loaded:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel import GPTQModel
 
     cuda = torch.cuda.is_available()
-    kw = {"backend": BACKEND.GPTQ_TORCH} if kind == "gptq" and not cuda else {}
-    model = GPTQModel.load(str(folder), device="cuda" if cuda else "cpu", dtype=torch.float16, **kw).model
-    return Loaded(_hf_logits(model), torch.float16, "cuda" if cuda else "cpu")
+    model = GPTQModel.load(str(folder), device="cuda" if cuda else "cpu", dtype=torch.float16).model  # its own kernel choice
+    return Loaded(_hf_logits(model), torch.float16, "cuda" if cuda else "cpu", _kernel_name(model))
 
 
 register(Backend("gptqmodel", ("gptq", "awq"), _gptqmodel_why_not, _load_gptqmodel))
@@ -177,7 +185,7 @@ def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
     else:
         dtype = torch.float16
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
-    return Loaded(_hf_logits(model), dtype, device)
+    return Loaded(_hf_logits(model), dtype, device, _kernel_name(model))
 
 
 register(Backend("transformers", ("gptq", "awq", "compressed-tensors"), _transformers_why_not, _load_transformers))
@@ -190,8 +198,8 @@ def _load_onnxruntime(folder: Path, kind: str, qc: dict) -> Loaded:
 
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    def logits(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        feed = {"input_ids": ids.numpy(), "attention_mask": (torch.ones_like(ids) if mask is None else mask).numpy()}
         return torch.from_numpy(session.run(None, feed)[0])
     return Loaded(logits, torch.float32, "cpu")
 

@@ -29,7 +29,8 @@ def table_rows(report: dict) -> list[list[str]]:
         note = r.get("reason") or "; ".join(r.get("failures") or [])
         delta = "(reference)" if r["status"] == "reference" else _fmt(r.get("ppl_delta_pct"), "+.3f") + ("%" if r.get("ppl_delta_pct") is not None else "")
         greedy = "" if r.get("greedy_prefix_agree") is None else f"{100 * r['greedy_prefix_agree']:.0f}% ({r['greedy_identical']}/{len(report['prompts'])})"
-        out.append([r["name"], r["backend"], r.get("dtype", ""), r["status"], _fmt(r.get("ppl"), ".3f"), delta,
+        backend = f"{r['backend']} ({r['kernel']})" if r.get("kernel") else r["backend"]
+        out.append([r["name"], backend, r.get("dtype", ""), r["status"], _fmt(r.get("ppl"), ".3f"), delta,
                     "" if r.get("top1_agree") is None else f"{100 * r['top1_agree']:.1f}%", _fmt(r.get("mean_kl"), ".2e"),
                     _fmt(r.get("max_abs_logit"), ".4f"), greedy, _fmt(r.get("load_s"), ".1f"),
                     _fmt(r.get("tokens_per_s"), ".0f"), note])

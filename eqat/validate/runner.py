@@ -27,14 +27,17 @@ PROMPTS = ("The capital of France is", "In 1905, Albert Einstein published",
            "The three primary colours are", "def fibonacci(n):")
 
 
-def greedy(logits_fn, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """Greedy continuation by full re-computation (no cache: the same procedure for every backend)."""
-    ids = prompt
+def greedy(logits_fn, prompts: list[torch.Tensor], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of all prompts at once (left-padded batch, full re-computation, no
+    cache): one forward per new token, the same procedure for every backend."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.stack([torch.nn.functional.pad(p[0], (width - p.shape[1], 0)) for p in prompts])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones_like(p[0]), (width - p.shape[1], 0)) for p in prompts])
     for _ in range(new_tokens):
         with torch.no_grad():
-            nxt = logits_fn(ids)[0, -1].float().argmax().view(1, 1).cpu()
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, prompt.shape[1]:].tolist()
+            nxt = logits_fn(ids, mask)[:, -1].float().argmax(-1, keepdim=True).cpu()
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, width:].tolist()
 
 
 class Reference:
@@ -50,12 +53,12 @@ class Reference:
 
             model = load_quantized(self.model_dir)[0].to(dtype)
 
-            def fn(ids: torch.Tensor) -> torch.Tensor:
+            def fn(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
                 with kernel_env("torch"):
-                    return model(ids).logits
+                    return model(input_ids=ids, attention_mask=mask).logits
             logits, seconds = run_windows(fn, self.windows)
             self.cache[dtype] = {"logits": logits, "seconds": seconds, "ppl": perplexity_of(logits, self.windows),
-                                 "greedy": [greedy(fn, p, self.new_tokens) for p in self.prompts]}
+                                 "greedy": greedy(fn, self.prompts, self.new_tokens)}
         return self.cache[dtype]
 
 
@@ -67,7 +70,7 @@ def _score(loaded: Loaded, ref: Reference, load_s: float) -> dict[str, Any]:
     tokens = sum(w.numel() for w in ref.windows)
     row = {"ppl": perplexity_of(logits, ref.windows), "load_s": round(load_s, 2), "tokens_per_s": tokens / seconds,
            **agreement(logits, base["logits"]),
-           **greedy_agreement([greedy(loaded.logits, p, ref.new_tokens) for p in ref.prompts], base["greedy"])}
+           **greedy_agreement(greedy(loaded.logits, ref.prompts, ref.new_tokens), base["greedy"])}
     row["ppl_delta_pct"] = 100 * (row["ppl"] / base["ppl"] - 1)
     row["reference_ppl"] = base["ppl"]
     return row
@@ -156,7 +159,8 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
                 row.update(run_vllm(folder, ref, vllm_python, vllm_timeout), dtype="bfloat16")
             else:
                 loaded = backend.load(folder, kind, qc)
-                row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."))
+                row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."),
+                           kernel=loaded.kernel)
                 del loaded
         except Exception as exc:  # a runtime that fails is a failed check, with its message
             rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:400]}"})

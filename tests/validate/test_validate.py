@@ -71,7 +71,7 @@ def test_every_installed_runtime_agrees_with_eqat(checkpoint, tmp_path):
     folder = write_report(report, tmp_path / "report")
     saved = json.loads((folder / "validate.json").read_text())
     assert saved["passed"] and len(saved["rows"]) == len(report["rows"]) and "environment" in saved
-    assert "| gptq | gptqmodel | float16 | pass |" in (folder / "validate.md").read_text()
+    assert "| gptq | gptqmodel (" in (folder / "validate.md").read_text()
     page = (folder / "validate.html").read_text()
     assert "data:image/png;base64," in page and "eqat validate: PASS" in page
 
