@@ -87,6 +87,17 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def check_free_space(folder: str | Path, need_bytes: int, what: str) -> None:
+    """Refuse (EqatInputError) before writing `what` when the disk holding `folder` has less than
+    `need_bytes` plus 5% free: a full disk must not be found half-way through a write."""
+    folder = Path(folder).absolute()
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes * 1.05:
+        raise EqatInputError(f"not enough disk space for {what} in {folder}: need about {need_bytes / 2**30:.2f} GiB, "
+                             f"{free / 2**30:.2f} GiB free; free some space or choose another --out.")
+
+
 def save_quantized(
     model: nn.Module,
     tokenizer: Any,
@@ -115,12 +126,14 @@ def save_quantized(
         "quantized_modules": {name: {"bias": m.bias is not None} for name, m in qmods.items()},
         "provenance": provenance or {},
     }
+    state = _unique_state_dict(model)
+    check_free_space(Path(out_dir).parent, sum(t.numel() * t.element_size() for t in state.values()), "the checkpoint")
     with atomic_dir(out_dir, force=force) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "eqat_format": FORMAT_NAME})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "eqat_format": FORMAT_NAME})
         (tmp / EQAT_CONFIG).write_text(json.dumps(meta, indent=2))
         if extra is not None:
             extra(tmp)

@@ -82,3 +82,26 @@ def test_module_list_not_matching_config(saved):
 def test_save_requires_quantized_model(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="no QuantLinear"):
         save_quantized(tiny_model(vocab=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "ck")
+
+
+def test_a_full_disk_is_refused_before_writing(tmp_path, tiny_tokenizer, monkeypatch):
+    """Checkpoint, export and disk activation streams check free space first (5% margin)."""
+    import shutil
+    from collections import namedtuple
+
+    import eqat.checkpoint as checkpoint
+    from eqat.exporters import export_checkpoint
+    from eqat.train.streams import ActivationStream
+
+    model = tiny_model("llama", vocab=len(tiny_tokenizer))
+    quantize_rtn(model, QuantScheme(4, 32))
+    src = checkpoint.save_quantized(model, tiny_tokenizer, tmp_path / "ck")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(EqatInputError, match="not enough disk space for the checkpoint in .* 0.00 GiB free"):
+        checkpoint.save_quantized(model, tiny_tokenizer, tmp_path / "ck2")
+    with pytest.raises(EqatInputError, match="not enough disk space for the gptq export"):
+        export_checkpoint(src, "gptq", tmp_path / "g")
+    with pytest.raises(EqatInputError, match="activation stream"):
+        ActivationStream.create(tmp_path / "s.bin", (4, 32, 64), torch.float32, "disk")
+    assert not (tmp_path / "ck2").exists() and not (tmp_path / "g").exists() and not (tmp_path / "s.bin").exists()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from eqat import __version__
-from eqat.checkpoint import WEIGHTS, atomic_dir, read_eqat_config
+from eqat.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config
 from eqat.errors import EqatInputError
 from eqat.lock import output_lock
 from eqat.model import check_model_dir
@@ -158,6 +158,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     report = {"format": fmt, "options": opts, "scheme": scheme.to_dict(), "source": str(src),
               "eqat_version": __version__, "quantized_layers": len(layers), "notes": notes,
               "seconds": None, "runtimes": exporter.runtimes}
+    check_free_space(Path(out).parent, sum(t.numel() * t.element_size() for t in state.values()), f"the {fmt} export")
     with output_lock(out, f"eqat export --format {fmt}"), atomic_dir(out, force=force) as tmp:
         config.quantization_config = qconfig
         config.save_pretrained(tmp)

@@ -31,6 +31,9 @@ class ActivationStream:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
         n = shape[0] * shape[1] * shape[2]
         if offload == "disk":
+            from eqat.checkpoint import check_free_space
+
+            check_free_space(path.parent, n * torch.empty((), dtype=dtype).element_size(), f"the activation stream {path.name}")
             with open(path, "wb") as f:
                 f.truncate(n * torch.empty((), dtype=dtype).element_size())
             data = torch.from_file(str(path), shared=True, size=n, dtype=dtype).view(shape)
