@@ -102,7 +102,7 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
     proc = subprocess.run([python or sys.executable, str(worker)], input=json.dumps(spec), capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     if proc.returncode:
-        raise RuntimeError(vllm_root_cause(proc.stderr))
+        raise RuntimeError(vllm_root_cause(proc.stderr + "\n" + proc.stdout))  # its workers log to either
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     ppl = math.exp(sum(res["nll"]) / sum(res["count"]))
     base = ref.get(torch.float32)
