@@ -59,6 +59,10 @@ def main() -> None:
             write_report(report, args.out / args.name / ck.name)
             reports.append(report)
             lines += table_rows(report)
+        write_tables(args, reports, lines, exports_made)  # after every checkpoint: a long run keeps what it measured
+
+
+def write_tables(args: argparse.Namespace, reports: list[dict], lines: list[list[str]], exports_made: list[dict]) -> None:
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "\n".join("| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in lines)
     refused = "\n".join(f"- {e['checkpoint']} -> {e['export']}: {e['reason']}" for e in exports_made if e["status"] == "refused")

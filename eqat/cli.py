@@ -297,7 +297,7 @@ def validate(
 ) -> None:
     """Load the checkpoint and its exports through the real runtimes and compare them (validate.json/.md/.html)."""
     from eqat.validate import Thresholds, validate as run_validate, write_report
-    from eqat.validate.report import COLUMNS, table_rows
+    from eqat.validate.report import COLUMNS, CONSOLE, table_rows
 
     report = run_validate(model, export, [b.strip() for b in backends.split(",")] if backends else None, windows=windows,
                           seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
@@ -308,12 +308,14 @@ def validate(
         out.print_json(json.dumps(report, default=str))
     elif not quiet:
         t = Table(title=f"eqat validate: {Path(model).name} ({report['windows']} x {report['seqlen']} tokens)")
-        for col in COLUMNS:
+        keep = [COLUMNS.index(c) for c in CONSOLE]
+        for col in CONSOLE:
             t.add_column(col, overflow="fold")
         style = {"pass": "green", "fail": "bold red", "error": "bold red", "skipped": "dim", "reference": "cyan"}
         for row in table_rows(report):
-            t.add_row(*row, style=style.get(row[3]))
-        out.print(t)
+            t.add_row(*(row[i] for i in keep), style=style.get(row[3]))
+        console = out if out.is_terminal else Console(width=140)  # logs: wide enough to read
+        console.print(t)
         out.print(f"{'PASS' if report['passed'] else 'FAIL'}; report: {folder}/validate.html, validate.json, validate.md")
     if not report["passed"]:
         raise typer.Exit(1)

@@ -16,6 +16,7 @@ from eqat.report import environment
 
 COLUMNS = ("export", "backend", "dtype", "status", "ppl", "ppl delta", "top-1", "mean KL", "max |dlogit|",
            "greedy", "load s", "tok/s", "note")
+CONSOLE = ("export", "backend", "status", "ppl", "ppl delta", "top-1", "mean KL", "greedy", "note")  # the terminal table
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -65,6 +66,7 @@ def plot(report: dict, path: Path) -> bool:
     a.bar(labels, [max(r["mean_kl"], 1e-12) for r in rows], color=colors)
     a.axhline(report["thresholds"]["max_mean_kl"], color="k", ls="--", lw=1)
     a.set_yscale("log")
+    a.set_ylim(bottom=min(max(r["mean_kl"], 1e-12) for r in rows) / 10)
     a.set_title("mean KL(reference || backend), nats")
     b.bar(labels, [100 * r["top1_agree"] for r in rows], color=colors)
     b.axhline(100 * report["thresholds"]["min_top1_agree"], color="k", ls="--", lw=1)
