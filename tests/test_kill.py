@@ -1,8 +1,9 @@
-"""`eqat quantize` killed for real (SIGKILL, SIGINT) at points spread over a run, in a
-subprocess: the output folder is never a half-written checkpoint, and re-running the same
-command finishes with a model identical to an uninterrupted run's."""
+"""`eqat quantize` killed for real (SIGKILL, SIGINT) in a subprocess, at points found by watching
+its files: once Block-AP has started, right after block 1 is saved, inside E2E-QP, and while the
+finished checkpoint is being written. The output folder is never a half-written checkpoint, and
+re-running the same command finishes with a model identical to an uninterrupted run's."""
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -15,8 +16,28 @@ from safetensors.torch import load_file
 ARGS = ["quantize", "--scheme", "w2g32", "--nsamples", "8", "--val-samples", "2", "--calib-seqlen", "32", "--epochs", "2",
         "--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-epochs", "2",
         "--e2e-grad-accum", "1", "--e2e-save-every", "1", "--no-eval", "-q", "--seed", "0"]
-KILLS = [(signal.SIGKILL, 0.3), (signal.SIGKILL, 0.5), (signal.SIGKILL, 0.7), (signal.SIGKILL, 0.9), (signal.SIGINT, 0.6)]
+def _exists(pattern):
+    return lambda out: any(out.parent.glob(pattern.format(name=out.name)))
 
+
+def _next_block(n):
+    def reached(out):
+        try:
+            return json.loads((out / "resume" / "state.json").read_text())["next_block"] >= n
+        except (OSError, ValueError, KeyError):
+            return False
+    return reached
+
+
+# (signal, where, when to send it): points inside Block-AP, between blocks, inside E2E-QP and while saving
+KILLS = [
+    (signal.SIGKILL, "block-ap started", _exists("{name}/resume/block_kwargs.pt")),
+    (signal.SIGKILL, "after block 1", _next_block(1)),
+    (signal.SIGINT, "inside Block-AP", _exists("{name}/resume/block_kwargs.pt")),
+    (signal.SIGKILL, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.pt")),
+    (signal.SIGKILL, "while saving", _exists(".{name}.tmp-*")),
+    (signal.SIGINT, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.pt")),
+]
 
 def run(model, out, **kw):
     return subprocess.Popen([sys.executable, "-m", "eqat", *ARGS, "--model", str(model), "--out", str(out)],
@@ -49,15 +70,17 @@ def reference(tmp_path_factory, tiny_tokenizer):
     return root, time.perf_counter() - t
 
 
-@pytest.mark.parametrize("sig,when", KILLS, ids=[f"{s.name}-{w}" for s, w in KILLS])
-def test_killed_run_resumes_to_the_same_model(reference, sig, when):
+@pytest.mark.parametrize("sig,where,reached", KILLS, ids=[f"{s.name}-{w.replace(' ', '-')}" for s, w, _ in KILLS])
+def test_killed_run_resumes_to_the_same_model(reference, sig, where, reached):
     root, seconds = reference
-    out = root / f"run-{sig.name}-{when}"
+    out = root / f"run-{sig.name}-{where.replace(' ', '-')}"
     p = run(root / "tiny", out)
-    time.sleep(when * seconds)
+    while p.poll() is None and not reached(out):
+        time.sleep(0.02)
     p.send_signal(sig)
     code = p.wait(timeout=600)
     seen = state_of(out)
+    print(f"\nkill {sig.name} {where}: exit {code}, folder {seen}")
     assert code in (0, -signal.SIGKILL, 130), p.stderr.read()
     if code == 130:
         assert "re-run the same command to resume" in p.stderr.read()
