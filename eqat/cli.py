@@ -290,7 +290,10 @@ def validate(
     max_ppl_delta: float = typer.Option(1.0, help="Fail beyond this |perplexity delta| in percent."),
     min_top1: float = typer.Option(0.98, help="Fail below this top-1 agreement (fraction)."),
     max_kl: float = typer.Option(1e-3, help="Fail above this mean KL divergence (nats)."),
-    vllm_python: Optional[str] = typer.Option(None, help="Python of a virtualenv with vLLM (it runs in a subprocess)."),
+    min_top1_bf16: float = typer.Option(0.95, help="--min-top1 for bfloat16 runtimes (vLLM on CPU)."),
+    max_kl_bf16: float = typer.Option(4e-3, help="--max-kl for bfloat16 runtimes."),
+    vllm_python: Optional[str] = typer.Option(None, envvar="EQAT_VLLM_PYTHON",
+                                              help="Python of a virtualenv with vLLM (it runs in a subprocess)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder; default <MODEL>/validate (replaced)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -301,7 +304,7 @@ def validate(
 
     report = run_validate(model, export, [b.strip() for b in backends.split(",")] if backends else None, windows=windows,
                           seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
-                          thresholds=Thresholds(max_ppl_delta, min_top1, max_kl))
+                          thresholds=Thresholds(max_ppl_delta, min_top1, max_kl, min_top1_bf16, max_kl_bf16))
     folder = write_report(report, out_dir or Path(model) / "validate")
     save_config(ctx, folder)
     if json_out:

@@ -4,6 +4,7 @@ finished checkpoint is being written. The output folder is never a half-written 
 re-running the same command finishes with a model identical to an uninterrupted run's."""
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -70,24 +71,53 @@ def reference(tmp_path_factory, tiny_tokenizer):
     return root, time.perf_counter() - t
 
 
-@pytest.mark.parametrize("sig,where,reached", KILLS, ids=[f"{s.name}-{w.replace(' ', '-')}" for s, w, _ in KILLS])
-def test_killed_run_resumes_to_the_same_model(reference, sig, where, reached):
-    root, seconds = reference
-    out = root / f"run-{sig.name}-{where.replace(' ', '-')}"
+def kill_at(root, out, sig, when):
+    """Start the run (or its re-run), send `sig` once `when(out, start time)` holds; returns what
+    the kill left: 'complete', 'resumable' or 'absent' (`state_of` fails on anything else)."""
     p = run(root / "tiny", out)
-    while p.poll() is None and not reached(out):
+    started = time.perf_counter()
+    while p.poll() is None and not when(out, started):
         time.sleep(0.02)
     p.send_signal(sig)
     code = p.wait(timeout=600)
     seen = state_of(out)
-    print(f"\nkill {sig.name} {where}: exit {code}, folder {seen}")
     assert code in (0, -signal.SIGKILL, 130), p.stderr.read()
     if code == 130:
         assert "re-run the same command to resume" in p.stderr.read()
-    if seen != "complete":  # re-run the same command
+    return seen
+
+
+def finish_and_compare(root, out):
+    if state_of(out) != "complete":  # re-run the same command
         p = run(root / "tiny", out)
         assert p.wait(timeout=600) == 0, p.stderr.read()
     assert state_of(out) == "complete"
     assert not list(root.glob(f".{out.name}*")), "a lock or temporary sibling was left behind"
     a, b = load_file(root / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"differs after a kill ({seen})"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"differs after a kill ({out.name})"
+
+
+@pytest.mark.parametrize("sig,where,reached", KILLS, ids=[f"{s.name}-{w.replace(' ', '-')}" for s, w, _ in KILLS])
+def test_killed_run_resumes_to_the_same_model(reference, sig, where, reached):
+    root, _ = reference
+    out = root / f"run-{sig.name}-{where.replace(' ', '-')}"
+    seen = kill_at(root, out, sig, lambda o, t: reached(o))
+    print(f"\nkill {sig.name} {where}: folder {seen}")
+    finish_and_compare(root, out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_at_random_moments_resumes_to_the_same_model(reference, seed):
+    """Kills at moments drawn from `seed` (uniform over the length of an uninterrupted run, so they
+    land in start-up, Block-AP, E2E-QP or saving): two kills in a row on the same folder, each
+    followed by a re-run of the same command, and the final model is still the uninterrupted one."""
+    root, seconds = reference
+    rng = random.Random(seed)
+    out = root / f"random-{seed}"
+    for k in range(2):
+        sig, delay = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGINT]), rng.uniform(0.05, 1.0) * seconds
+        seen = kill_at(root, out, sig, lambda o, t: time.perf_counter() - t >= delay)
+        print(f"\nseed {seed} kill {k + 1}: {sig.name} at {delay:.1f} s of a {seconds:.1f} s run: folder {seen}")
+        if seen == "complete":  # the run ended before the kill
+            break
+    finish_and_compare(root, out)

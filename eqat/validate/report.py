@@ -28,6 +28,8 @@ def table_rows(report: dict) -> list[list[str]]:
     out = []
     for r in report["rows"]:
         note = r.get("reason") or "; ".join(r.get("failures") or [])
+        if not note and r.get("mean_abs_logprob") is not None:  # vLLM: log-probabilities, not logits
+            note = f"|d log p(token)| mean {r['mean_abs_logprob']:.4f}, max {r['max_abs_logprob']:.3f} (no full logits: no KL)"
         delta = "(reference)" if r["status"] == "reference" else _fmt(r.get("ppl_delta_pct"), "+.3f") + ("%" if r.get("ppl_delta_pct") is not None else "")
         greedy = "" if r.get("greedy_prefix_agree") is None else f"{100 * r['greedy_prefix_agree']:.0f}% ({r['greedy_identical']}/{len(report['prompts'])})"
         backend = f"{r['backend']} ({r['kernel']})" if r.get("kernel") else r["backend"]
@@ -46,7 +48,8 @@ def markdown(report: dict) -> str:
             f"windows of {report['seqlen']} tokens; greedy agreement over {report['new_tokens']} new tokens on "
             f"{len(report['prompts'])} prompts. Each backend is compared with eqat's own forward in the backend's dtype. "
             f"Thresholds: |ppl delta| <= {t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, "
-            f"mean KL <= {t['max_mean_kl']:.0e}. Verdict: **{'PASS' if report['passed'] else 'FAIL'}**.\n\n"
+            f"mean KL <= {t['max_mean_kl']:.0e} (bfloat16 runtimes: top-1 >= {100 * t['min_top1_agree_bf16']:.0f}%, "
+            f"mean KL <= {t['max_mean_kl_bf16']:.0e}). Verdict: **{'PASS' if report['passed'] else 'FAIL'}**.\n\n"
             + "\n".join(lines) + "\n")
 
 

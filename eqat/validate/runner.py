@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -94,21 +95,38 @@ def vllm_root_cause(stderr: str) -> str:
 
 
 def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> dict[str, Any]:
-    """vLLM in a subprocess: perplexity from the log-probabilities of the actual tokens, greedy tokens."""
-    spec = {"model": str(folder), "dtype": "bfloat16" if not torch.cuda.is_available() else "float16",
+    """vLLM in a subprocess, compared with eqat's forward in vLLM's dtype: perplexity from the
+    log-probabilities of the actual tokens, top-1 agreement from vLLM's top-ranked token at each
+    position, the actual tokens' log-probability difference (vLLM returns no full logits, so no KL),
+    and greedy tokens."""
+    dtype = torch.float16 if torch.cuda.is_available() else torch.bfloat16  # vLLM's CPU default is bf16
+    spec = {"model": str(folder), "dtype": str(dtype).removeprefix("torch."),
             "windows": [w[0].tolist() for w in ref.windows], "prompts": [p[0].tolist() for p in ref.prompts],
             "max_new_tokens": ref.new_tokens, "max_model_len": max(w.shape[1] for w in ref.windows) + 8}
     worker = Path(__file__).with_name("vllm_worker.py")
-    proc = subprocess.run([python or sys.executable, str(worker)], input=json.dumps(spec), capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    if proc.returncode:
-        raise RuntimeError(vllm_root_cause(proc.stderr + "\n" + proc.stdout))  # its workers log to either
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    ppl = math.exp(sum(res["nll"]) / sum(res["count"]))
-    base = ref.get(torch.float32)
+    with tempfile.TemporaryDirectory(prefix="eqat-vllm-") as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.run([python or sys.executable, str(worker), str(result)], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        if proc.returncode or not result.exists():
+            raise RuntimeError(vllm_root_cause(proc.stderr + "\n" + proc.stdout))  # its workers log to either
+        res = json.loads(result.read_text())
+    base = ref.get(dtype)
+    ours_lp, ours_top1 = [], []
+    for logits, w in zip(base["logits"], ref.windows):  # position t-1 predicts token t
+        lsm = logits[0, :-1].log_softmax(-1)
+        ours_lp.append(lsm.gather(-1, w[0, 1:, None])[:, 0])
+        ours_top1.append(lsm.argmax(-1))
+    theirs_lp = torch.tensor([x for xs in res["logprob"] for x in xs], dtype=torch.float64)
+    diff = (theirs_lp - torch.cat(ours_lp).double()).abs()
+    top1 = (torch.tensor([x for xs in res["top1"] for x in xs]) == torch.cat(ours_top1)).double().mean().item()
+    ppl = math.exp(-theirs_lp.mean().item())
     return {"ppl": ppl, "ppl_delta_pct": 100 * (ppl / base["ppl"] - 1), "reference_ppl": base["ppl"],
             "load_s": round(res["load_s"], 2), "tokens_per_s": sum(w.numel() for w in ref.windows) / res["forward_s"],
-            "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": None,
+            "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": top1,
+            "max_abs_logprob": diff.max().item(), "mean_abs_logprob": diff.mean().item(),
+            "dtype": spec["dtype"], "kernel": res.get("quantization", ""),
             **greedy_agreement(res["greedy"], base["greedy"])}
 
 
@@ -156,7 +174,7 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
         t = time.perf_counter()
         try:
             if backend.load is None:
-                row.update(run_vllm(folder, ref, vllm_python, vllm_timeout), dtype="bfloat16")
+                row.update(run_vllm(folder, ref, vllm_python, vllm_timeout))
             else:
                 loaded = backend.load(folder, kind, qc)
                 row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."),

@@ -1,11 +1,13 @@
 """Runs inside a Python that has vLLM (maybe another virtualenv): imports nothing from eqat.
 
-    python vllm_worker.py < spec.json > result.json
+    python vllm_worker.py RESULT.json < spec.json
 
 spec: {"model": folder, "dtype": "bfloat16", "windows": [[ids...], ...], "prompts": [[ids...], ...],
        "max_new_tokens": n, "max_model_len": n}
-result: {"nll": [sum per window], "count": [tokens per window], "greedy": [[ids...], ...],
-         "load_s": s, "forward_s": s, "quantization": str}
+RESULT.json (a file, since vLLM's processes log to stdout and stderr alike):
+    {"logprob": [[log p(token t | tokens < t) for t = 1..T-1] per window],
+     "top1": [[vLLM's most likely token at t = 1..T-1] per window],
+     "greedy": [[ids...] per prompt], "load_s": s, "forward_s": s, "quantization": str}
 """
 
 import json
@@ -19,21 +21,23 @@ def main() -> None:
 
     t = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], enforce_eager=True,
-              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3))
+              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3), seed=0)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": w} for w in spec["windows"]], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    # prompt_logprobs=1: per position, the actual token's log-probability plus the top-ranked token
+    outs = llm.generate([{"prompt_token_ids": w} for w in spec["windows"]], SamplingParams(max_tokens=1, prompt_logprobs=1))
     forward_s = time.perf_counter() - t
-    nll, count = [], []
+    logprob, top1 = [], []
     for out, ids in zip(outs, spec["windows"]):
-        lps = [d[tok].logprob for d, tok in zip(out.prompt_logprobs[1:], ids[1:])]
-        nll.append(-sum(lps))
-        count.append(len(lps))
+        positions = list(zip(out.prompt_logprobs[1:], ids[1:]))
+        logprob.append([d[tok].logprob for d, tok in positions])
+        top1.append([next(k for k, v in d.items() if v.rank == 1) for d, _ in positions])
     greedy = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]],
                           SamplingParams(max_tokens=spec["max_new_tokens"], temperature=0))
-    json.dump({"nll": nll, "count": count, "greedy": [list(g.outputs[0].token_ids) for g in greedy],
-               "load_s": load_s, "forward_s": forward_s,
-               "quantization": str(llm.llm_engine.model_config.quantization)}, sys.stdout)
+    result = {"logprob": logprob, "top1": top1, "greedy": [list(g.outputs[0].token_ids) for g in greedy],
+              "load_s": load_s, "forward_s": forward_s, "quantization": str(llm.llm_engine.model_config.quantization)}
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def test_metrics():
     g = greedy_agreement([[1, 2, 3, 4], [1, 2, 3, 4]], [[1, 2, 3, 4], [1, 9, 3, 4]])
     assert g == {"greedy_prefix_agree": (1 + 0.25) / 2, "greedy_identical": 1}
     t = Thresholds()
+    bf16 = {"ppl_delta_pct": 0.2, "top1_agree": 0.97, "mean_kl": 2e-3}
+    assert len(t.failures(bf16)) == 2 and t.failures({**bf16, "dtype": "bfloat16"}) == []
+    assert len(t.failures({**bf16, "top1_agree": 0.9, "mean_kl": 5e-3, "dtype": "bfloat16"})) == 2
     assert t.failures({"ppl_delta_pct": 0.5, "top1_agree": 0.99, "mean_kl": 1e-4}) == []
     assert len(t.failures({"ppl_delta_pct": -2.0, "top1_agree": 0.5, "mean_kl": 1.0})) == 3
     assert t.failures({"ppl_delta_pct": 0.1, "top1_agree": None, "mean_kl": None}) == []  # vLLM: perplexity only
@@ -108,31 +111,51 @@ spec = json.load(sys.stdin)
 if "{mode}" == "crash":
     print("ValueError: Failed to find a kernel that can implement the WNA16 linear layer", file=sys.stderr)
     sys.exit(1)
-counts = [len(w) - 1 for w in spec["windows"]]
-print("vLLM log noise")
-print(json.dumps({{"nll": [2.0 * c for c in counts], "count": counts, "greedy": [[1] * spec["max_new_tokens"] for _ in spec["prompts"]],
-                  "load_s": 1.5, "forward_s": 0.5, "quantization": "compressed-tensors"}}))
+print("vLLM log noise", end="")  # its processes log to stdout too, without a final newline
+result = {{"logprob": [[-2.0] * (len(w) - 1) for w in spec["windows"]],
+           "top1": [w[1:] for w in spec["windows"]],  # the actual next token, always
+           "greedy": [[1] * spec["max_new_tokens"] for _ in spec["prompts"]],
+           "load_s": 1.5, "forward_s": 0.5, "quantization": "compressed-tensors"}}
+json.dump(result, open(sys.argv[-1], "w"))  # argv: [worker.py, RESULT.json]
 """
 
 
 @pytest.mark.parametrize("mode", ["ok", "crash"])
-def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode):
-    """The vLLM path with a stand-in Python: perplexity from the summed log-probabilities, greedy
-    tokens, timings; a crash becomes an `error` row carrying vLLM's message, and fails the run."""
+def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode, monkeypatch):
+    """The vLLM path with a stand-in Python: perplexity from the actual tokens' log-probabilities,
+    top-1 agreement and log-probability differences against eqat's own forward in vLLM's dtype,
+    greedy tokens, timings; a crash becomes an `error` row carrying vLLM's message, and fails the run."""
     import sys
 
+    from eqat.validate import backends
+
+    monkeypatch.setattr(backends, "cpu_has_avx512", lambda: True)
     export_checkpoint(checkpoint, "compressed-tensors", tmp_path / "ct")
     fake = tmp_path / "python"
     fake.write_text(FAKE_VLLM.format(python=sys.executable, mode=mode))
     fake.chmod(0o755)
-    report = validate(checkpoint, [tmp_path / "ct"], backends=["vllm"], vllm_python=str(fake), **SMALL)
+    report = validate(checkpoint, [tmp_path / "ct"], backends=["vllm", "eqat-torch"], vllm_python=str(fake), **SMALL)
     row = next(r for r in report["rows"] if r["backend"] == "vllm")
     if mode == "crash":
         assert row["status"] == "error" and "Failed to find a kernel" in row["reason"] and not report["passed"]
         return
+    assert "ppl" in row, row.get("reason")
     assert row["ppl"] == pytest.approx(math.exp(2.0)) and row["load_s"] == 1.5 and row["tokens_per_s"] == pytest.approx(64 / 0.5)
-    assert row["mean_kl"] is None and row["greedy_identical"] in range(5)
-    assert row["status"] in ("pass", "fail") and row["reference_ppl"] > 0
+    assert row["dtype"] == "bfloat16" and row["kernel"] == "compressed-tensors" and row["mean_kl"] is None
+    # the stand-in's "top-1" is the actual next token: agreement = how often eqat's bf16 argmax is right
+    from eqat.checkpoint import load_quantized
+    from eqat.data import eval_token_ids
+
+    model, tok, _ = load_quantized(checkpoint)
+    ids = eval_token_ids(tok, "wikitext2")[: SMALL["windows"] * SMALL["seqlen"]].view(SMALL["windows"], -1)
+    with torch.no_grad():
+        logits = torch.cat([model.to(torch.bfloat16)(w[None]).logits[0, :-1].float() for w in ids])
+    right = (logits.argmax(-1) == torch.cat([w[1:] for w in ids])).double().mean().item()
+    assert row["top1_agree"] == pytest.approx(right)
+    lp = logits.log_softmax(-1).gather(-1, torch.cat([w[1:] for w in ids])[:, None])[:, 0]
+    assert row["mean_abs_logprob"] == pytest.approx((lp.double() + 2.0).abs().mean().item(), rel=1e-4)
+    assert row["greedy_identical"] in range(5) and row["reference_ppl"] > 0
+    assert row["status"] in ("pass", "fail")
 
 
 def test_vllm_root_cause_skips_its_wrappers():
@@ -157,3 +180,14 @@ def test_runtimes_that_cannot_hold_a_folder_are_skipped_with_the_reason():
     ct3 = {"config_groups": {"group_0": {"weights": {"num_bits": 3}}}}
     if not torch.cuda.is_available():
         assert "4-bit only (CPUWNA16), not 3-bit" in vllm_why_not("compressed-tensors", ct3, "/x/python")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the AVX-512 rule is vLLM's CPU path")
+def test_vllm_on_a_cpu_without_avx512_is_skipped_with_the_reason(monkeypatch):
+    from eqat.validate import backends
+
+    ct4 = {"config_groups": {"group_0": {"weights": {"num_bits": 4}}}}
+    monkeypatch.setattr(backends, "cpu_has_avx512", lambda: False)
+    assert "no AVX-512" in backends.vllm_why_not("compressed-tensors", ct4, "/x/python")
+    monkeypatch.setattr(backends, "cpu_has_avx512", lambda: True)
+    assert backends.vllm_why_not("compressed-tensors", ct4, "/x/python") is None
