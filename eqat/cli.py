@@ -28,6 +28,12 @@ app = typer.Typer(
 err = Console(stderr=True)
 _CALIB, _BAP, _E2E = CalibOptions(), BlockAPConfig(), E2EQPConfig()  # defaults come from the option dataclasses
 out = Console()
+_json_stdout: list = []  # the real stdout while a --json run sends everything else to stderr
+
+
+def emit_json(obj: object) -> None:
+    """Print `obj` as JSON on the real stdout (in --json mode, the only thing written there)."""
+    Console(file=_json_stdout[-1] if _json_stdout else sys.stdout).print_json(json.dumps(obj, default=str))
 
 CONFIG = typer.Option(None, "--config", "-c", callback=apply_config, is_eager=True, expose_value=True,
                       help="YAML file of this command's options, keyed by parameter name (e.g. `max_windows: 8`, "
@@ -140,7 +146,7 @@ def quantize(
     report = quantize_run(opts)
     save_config(ctx, report["output"])
     if json_out:
-        out.print_json(json.dumps(report, default=str))
+        emit_json(report)
         return
     if quiet:
         return
@@ -188,7 +194,7 @@ def eval_cmd(
     if report:
         write_json(report, result)
     if json_out:
-        out.print_json(json.dumps(result, default=str))
+        emit_json(result)
     elif not quiet:
         out.print(f"perplexity {result['ppl']:.3f} on {result['data']} ({result['windows']} windows x {result['seqlen']} "
                   f"tokens, {result['seconds']:.1f} s)")
@@ -230,7 +236,7 @@ def train_e2e(
                                            EvalOptions(eval_data, seqlen, max_windows), cfg, progress=not quiet))
     save_config(ctx, report["output"])
     if json_out:
-        out.print_json(json.dumps(report, default=str))
+        emit_json(report)
     elif not quiet:
         if report.get("perplexity"):
             out.print(f"perplexity {_fmt_ppl(report['perplexity_before'])} -> {_fmt_ppl(report['perplexity'])} "
@@ -267,7 +273,7 @@ def export_cmd(
     report = export_checkpoint(model, format, out_dir, force=force, progress=not quiet, **options)
     save_config(ctx, out_dir)
     if json_out:
-        out.print_json(json.dumps(report, default=str))
+        emit_json(report)
     elif not quiet:
         out.print(f"wrote {out_dir} ({report['format']}, {report['quantized_layers']} layers, "
                   f"{report['seconds']:.1f} s; notes {report['notes']})")
@@ -308,7 +314,7 @@ def validate(
     folder = write_report(report, out_dir or Path(model) / "validate")
     save_config(ctx, folder)
     if json_out:
-        out.print_json(json.dumps(report, default=str))
+        emit_json(report)
     elif not quiet:
         t = Table(title=f"eqat validate: {Path(model).name} ({report['windows']} x {report['seqlen']} tokens)")
         keep = [COLUMNS.index(c) for c in CONSOLE]
@@ -325,31 +331,61 @@ def validate(
 
 
 @app.command(epilog="Examples:\n\n  eqat info\n\n  eqat info eqat-out/SmolLM2-135M-Instruct-w4g64-rtn")
-def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2.")) -> None:
-    """Describe a model folder or eqat checkpoint: architecture, quantizable layers, scheme."""
+def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2."),
+         json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout.")) -> None:
+    """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, and which
+    export formats can hold it."""
     from eqat.checkpoint import is_eqat_checkpoint, read_eqat_config
     from eqat.model import check_model_dir
     from eqat.run import resolve_model
 
     path = check_model_dir(resolve_model(model))
     cfg = json.loads((path / "config.json").read_text())
-    out.print(f"[bold]{path}[/bold]")
-    out.print(f"  model_type {cfg.get('model_type')}, {cfg.get('num_hidden_layers')} blocks, hidden {cfg.get('hidden_size')}, "
-              f"intermediate {cfg.get('intermediate_size')}, heads {cfg.get('num_attention_heads')}/{cfg.get('num_key_value_heads')}")
     sizes = sorted({cfg.get("hidden_size"), cfg.get("intermediate_size")} - {None})
-    for k in sizes:
-        valid = [g for g in (16, 32, 64, 128, 256) if k % g == 0]
-        out.print(f"  in_features {k}: valid group sizes {valid} and -1")
+    desc: dict = {"path": str(path), "model_type": cfg.get("model_type"), "blocks": cfg.get("num_hidden_layers"),
+                  "hidden_size": cfg.get("hidden_size"), "intermediate_size": cfg.get("intermediate_size"),
+                  "heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads"),
+                  "valid_group_sizes": {k: [g for g in (16, 32, 64, 128, 256) if k % g == 0] + [-1] for k in sizes},
+                  "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
     if is_eqat_checkpoint(path):
+        from eqat.exporters.base import checkpoint_formats
+
         meta = read_eqat_config(path)
-        out.print(f"  eqat checkpoint v{meta['format_version']}: scheme {meta['scheme']}, storage {meta['storage_dtype']}, "
-                  f"{len(meta['quantized_modules'])} quantized modules, method {meta['provenance'].get('method')}")
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    out.print(f"  on disk {size / 1e6:.1f} MB")
+        desc["eqat"] = {"format_version": meta["format_version"], "scheme": meta["scheme"], "storage_dtype": meta["storage_dtype"],
+                        "quantized_modules": len(meta["quantized_modules"]), "method": meta["provenance"].get("method")}
+        desc["export_formats"] = checkpoint_formats(path)
+    if json_out:
+        emit_json(desc)
+        return
+    out.print(f"[bold]{path}[/bold]")
+    out.print(f"  model_type {desc['model_type']}, {desc['blocks']} blocks, hidden {desc['hidden_size']}, "
+              f"intermediate {desc['intermediate_size']}, heads {desc['heads']}/{desc['kv_heads']}")
+    for k, valid in desc["valid_group_sizes"].items():
+        out.print(f"  in_features {k}: valid group sizes {valid}")
+    if "eqat" in desc:
+        e = desc["eqat"]
+        out.print(f"  eqat checkpoint v{e['format_version']}: scheme {e['scheme']}, storage {e['storage_dtype']}, "
+                  f"{e['quantized_modules']} quantized modules, method {e['method']}")
+        for fmt, why in desc["export_formats"].items():
+            out.print(f"  export {fmt}: {'yes' if why is None else 'no, ' + why}", highlight=False)
+    out.print(f"  on disk {desc['bytes_on_disk'] / 1e6:.1f} MB")
 
 
 def main() -> None:
-    """Entry point: maps eqat's errors to exit codes (2 bad input, 1 failure)."""
+    """Entry point: maps eqat's errors to exit codes (2 bad input, 1 failure). With --json, whatever
+    else would reach stdout (progress, libraries' banners and logs) goes to stderr, so stdout holds
+    the JSON alone."""
+    if "--json" in sys.argv[1:]:
+        _json_stdout.append(sys.stdout)
+        sys.stdout = sys.stderr
+    try:
+        _run()
+    finally:
+        if _json_stdout:
+            sys.stdout = _json_stdout.pop()
+
+
+def _run() -> None:
     try:
         rc = app(standalone_mode=False)  # returns the exit code of typer.Exit, e.g. 130 for Ctrl-C
         if isinstance(rc, int) and rc:

@@ -40,6 +40,12 @@ def test_full_tiny_run_and_eval_agree(cli, tiny_model_dir, tmp_path, text_file):
     assert json.loads(stdout)["ppl"] == pytest.approx(report["perplexity"]["ppl"], rel=1e-6)
     code, stdout, _ = cli("info", str(out))
     assert code == 0 and "w3" in stdout.replace("'bits': 3", "w3") and "14 quantized modules" in stdout
+    code, stdout, _ = cli("info", str(out), "--json")  # stdout is the JSON alone
+    desc = json.loads(stdout)
+    assert code == 0 and desc["eqat"]["scheme"]["bits"] == 3 and desc["eqat"]["quantized_modules"] == 14
+    fits = desc["export_formats"]
+    assert fits["gptq"] is None and fits["compressed-tensors"] is None and "4-bit codes only" in fits["awq"]
+    assert fits["onnx"] is None  # 3-bit codes widened to 4 bits by default
     code, _, err = cli("quantize", "--model", str(model), "--out", str(out), "--no-eval", "-q")
     assert code == 2 and "--force" in err
 

@@ -69,8 +69,28 @@ def register(exporter: Exporter) -> Exporter:
     return exporter
 
 
-def formats_table() -> str:
-    return "; ".join(f"{e.name} ({e.runtimes})" for e in EXPORTERS.values())
+def formats_for(scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+    """Per format, why it cannot hold `scheme` on layers of `shapes` ({name: (N, K)}), or None when it can
+    (with each format's default options)."""
+    return {name: e.why_not(scheme, shapes, dict(e.options)) for name, e in EXPORTERS.items()}
+
+
+def holders_text(fits: dict[str, str | None]) -> str:
+    """'gptq (GPTQModel, ...); onnx (...)': the formats that can hold it, with the runtimes that load them."""
+    return "; ".join(f"{n} ({EXPORTERS[n].runtimes})" for n, why in fits.items() if why is None) or "none"
+
+
+def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
+    """`formats_for` an eqat checkpoint, from its config alone (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = check_model_dir(src)
+    meta = read_eqat_config(src)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in meta["quantized_modules"]}
+    return formats_for(QuantScheme.from_dict(meta["scheme"]), shapes)
 
 
 def _in_features(config: Any, names: list[str]) -> dict[str, int]:
@@ -143,10 +163,11 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
 
     config = AutoConfig.from_pretrained(src)
     layers, rest = read_layers(src, meta, config)
-    reason = exporter.why_not(scheme, {n: (l.out_features, l.in_features) for n, l in layers.items()}, opts)
+    shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
+    reason = exporter.why_not(scheme, shapes, opts)
     if reason:
         raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({scheme.name}): {reason}. "
-                             f"Formats and who loads them: {formats_table()}.")
+                             f"Formats that can hold it, and who loads them: {holders_text(formats_for(scheme, shapes))}.")
     state: dict[str, torch.Tensor] = dict(rest)
     notes: dict[str, int] = {}
     for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer", disable=not progress):

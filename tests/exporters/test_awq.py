@@ -59,8 +59,11 @@ def test_two_bit_checkpoint_is_refused_before_writing(tmp_path, tiny_tokenizer):
     model = tiny_model("llama", vocab=len(tiny_tokenizer))
     quantize_rtn(model, QuantScheme(2, 32))
     src = save_quantized(model, tiny_tokenizer, tmp_path / "ck")
-    with pytest.raises(EqatInputError, match="format 'awq' cannot hold this checkpoint \\(w2g32\\).*gptq \\(GPTQModel"):
+    with pytest.raises(EqatInputError, match="format 'awq' cannot hold this checkpoint \\(w2g32\\).*gptq \\(GPTQModel") as e:
         export_checkpoint(src, "awq", tmp_path / "out")
+    holders = str(e.value).split("Formats that can hold it, and who loads them: ")[1]
+    assert holders.startswith("compressed-tensors (") and "gptq (" in holders and "onnx (" in holders
+    assert "awq (" not in holders
     assert not (tmp_path / "out").exists()
 
 
