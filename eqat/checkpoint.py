@@ -188,9 +188,9 @@ def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
 def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load an eqat checkpoint: (model with QuantLinear modules, tokenizer, eqat_config)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eqat.model import check_model_dir, parse_dtype
+    from eqat.model import check_model_dir, load_tokenizer, parse_dtype
 
     p = check_model_dir(path)
     meta = read_eqat_config(p)
@@ -229,9 +229,4 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         raise EqatInputError(
             f"{p / WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError, TypeError) as e:
-        raise EqatInputError(f"cannot load the tokenizer of {p} ({str(e)[:200]}); copy the base model's tokenizer files "
-                             "(tokenizer.json, tokenizer_config.json) into the checkpoint.") from e
-    return model.to(device).eval(), tokenizer, meta
+    return model.to(device).eval(), load_tokenizer(p), meta

@@ -47,16 +47,25 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def load_tokenizer(p: Path) -> object:
+    """The tokenizer of folder `p`, or EqatInputError naming the folder and the files it needs."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(p)
+    # transformers raises many types here, and the tokenizers library a bare Exception for a damaged
+    # tokenizer.json ("missing field `single_word`", found by tests/test_checkpoint_fuzz.py)
+    except Exception as e:
+        raise EqatInputError(f"cannot load the tokenizer from {p}: {str(e)[:200]}. The folder needs intact tokenizer files "
+                             "(tokenizer.json or tokenizer.model with tokenizer_config.json): copy the base model's.") from e
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-    except Exception as e:  # transformers raises many types here
-        raise EqatInputError(f"cannot load the tokenizer from {p}: {e}. The folder needs the tokenizer files "
-                             "(tokenizer.json or tokenizer.model with tokenizer_config.json).") from e
+    tokenizer = load_tokenizer(p)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:

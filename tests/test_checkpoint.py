@@ -105,3 +105,18 @@ def test_a_full_disk_is_refused_before_writing(tmp_path, tiny_tokenizer, monkeyp
     with pytest.raises(EqatInputError, match="activation stream"):
         ActivationStream.create(tmp_path / "s.bin", (4, 32, 64), torch.float32, "disk")
     assert not (tmp_path / "ck2").exists() and not (tmp_path / "g").exists() and not (tmp_path / "s.bin").exists()
+
+
+def test_damaged_tokenizer_named_by_load_and_export(saved, tmp_path):
+    """A renamed key in tokenizer.json makes the tokenizers library raise a bare Exception ("missing
+    field `single_word`", found by the fuzz test): loading and exporting say which folder and what to do."""
+    from eqat.exporters import export_checkpoint
+
+    tok = saved / "tokenizer.json"
+    assert '"single_word"' in tok.read_text()
+    tok.write_text(tok.read_text().replace('"single_word"', '"single_wprd"'))
+    with pytest.raises(EqatInputError, match="cannot load the tokenizer from .*ck.*intact tokenizer files"):
+        load_quantized(saved)
+    with pytest.raises(EqatInputError, match="cannot load the tokenizer"):
+        export_checkpoint(saved, "gptq", tmp_path / "g")
+    assert not (tmp_path / "g").exists()

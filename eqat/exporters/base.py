@@ -25,7 +25,7 @@ from eqat import __version__
 from eqat.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config
 from eqat.errors import EqatInputError
 from eqat.lock import output_lock
-from eqat.model import check_model_dir
+from eqat.model import check_model_dir, load_tokenizer
 from eqat.scheme import QuantScheme
 
 
@@ -159,7 +159,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     meta = read_eqat_config(src)
     scheme = QuantScheme.from_dict(meta["scheme"])
     t0 = time.perf_counter()
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(src)
     layers, rest = read_layers(src, meta, config)
@@ -187,10 +187,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
             GenerationConfig.from_pretrained(src).save_pretrained(tmp)
         except OSError:
             pass  # the source has none
-        try:
-            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-        except (OSError, ValueError) as e:
-            raise EqatInputError(f"cannot read the tokenizer of {src}: {e}. Copy the base model's tokenizer files there.") from e
+        load_tokenizer(src).save_pretrained(tmp)
         if exporter.write_model is not None:
             exporter.write_model(src, state, tmp, scheme, opts)
         else:
