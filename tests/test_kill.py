@@ -57,18 +57,26 @@ def state_of(out):
     return "resumable"
 
 
+def lock_of(out):
+    return out.parent / f".{out.name}.lock"  # held while the run works on `out` (eqat/lock.py)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_tokenizer):
+    """An uninterrupted run; returns (root, seconds it held its output lock: the working span)."""
     from conftest import tiny_model
 
     root = tmp_path_factory.mktemp("kill")
     model = tiny_model("llama", vocab=len(tiny_tokenizer))
     model.save_pretrained(root / "tiny")
     tiny_tokenizer.save_pretrained(root / "tiny")
-    t = time.perf_counter()
-    p = run(root / "tiny", root / "ref")
-    assert p.wait(timeout=600) == 0, p.stderr.read()
-    return root, time.perf_counter() - t
+    p, locked = run(root / "tiny", root / "ref"), None
+    while p.poll() is None:
+        if locked is None and lock_of(root / "ref").exists():
+            locked = time.perf_counter()
+        time.sleep(0.01)
+    assert p.wait(timeout=600) == 0 and locked is not None, p.stderr.read()
+    return root, time.perf_counter() - locked
 
 
 def kill_at(root, out, sig, when):
@@ -81,8 +89,10 @@ def kill_at(root, out, sig, when):
     p.send_signal(sig)
     code = p.wait(timeout=600)
     seen = state_of(out)
-    assert code in (0, -signal.SIGKILL, 130), p.stderr.read()
-    if code == 130:
+    # SIGINT: exit 130, or death by SIGINT when it lands while Python runs module code from C (an
+    # import): Python then re-raises the signal at exit although eqat handled it (seen at 2.4 s)
+    assert code in (0, -signal.SIGKILL, 130, -signal.SIGINT), p.stderr.read()
+    if code in (130, -signal.SIGINT):
         assert "re-run the same command to resume" in p.stderr.read()
     return seen
 
@@ -106,18 +116,32 @@ def test_killed_run_resumes_to_the_same_model(reference, sig, where, reached):
     finish_and_compare(root, out)
 
 
+def after_lock(delay):
+    """A kill condition: `delay` seconds after the run took its output lock (start-up excluded)."""
+    taken = []
+
+    def when(out, started):
+        if not taken:
+            if lock_of(out).exists():
+                taken.append(time.perf_counter())
+            return False
+        return time.perf_counter() - taken[0] >= delay
+    return when
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_killed_at_random_moments_resumes_to_the_same_model(reference, seed):
-    """Kills at moments drawn from `seed` (uniform over the length of an uninterrupted run, so they
-    land in start-up, Block-AP, E2E-QP or saving): two kills in a row on the same folder, each
-    followed by a re-run of the same command, and the final model is still the uninterrupted one."""
+    """Kills at moments drawn from `seed`, uniform over the working span of an uninterrupted run (so
+    they land in Block-AP, E2E-QP or saving, wherever the time goes), SIGKILL and SIGINT in turn:
+    two kills in a row on the same folder, the second during the resumed run, then a final re-run;
+    the model is still the uninterrupted one."""
     root, seconds = reference
     rng = random.Random(seed)
     out = root / f"random-{seed}"
     for k in range(2):
-        sig, delay = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGINT]), rng.uniform(0.05, 1.0) * seconds
-        seen = kill_at(root, out, sig, lambda o, t: time.perf_counter() - t >= delay)
-        print(f"\nseed {seed} kill {k + 1}: {sig.name} at {delay:.1f} s of a {seconds:.1f} s run: folder {seen}")
+        sig, delay = (signal.SIGKILL, signal.SIGINT)[(seed + k) % 2], rng.uniform(0.0, 1.0 if k == 0 else 0.5) * seconds  # a resumed run is shorter
+        seen = kill_at(root, out, sig, after_lock(delay))
+        print(f"\nseed {seed} kill {k + 1}: {sig.name} {delay:.2f} s into a {seconds:.2f} s working span: folder {seen}")
         if seen == "complete":  # the run ended before the kill
             break
     finish_and_compare(root, out)
