@@ -70,7 +70,8 @@ def write_tables(args: argparse.Namespace, reports: list[dict], lines: list[list
     text = (f"`eqat validate` of each checkpoint against its exports; WikiText-2 test, {args.windows} windows of "
             f"{args.seqlen} tokens; greedy agreement over {reports[0]['new_tokens']} tokens on {len(reports[0]['prompts'])} prompts; "
             f"each runtime compared with eqat's own forward in the runtime's dtype. Thresholds: |ppl delta| <= "
-            f"{t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, mean KL <= {t['max_mean_kl']:.0e}.\n\n"
+            f"{t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, mean KL <= {t['max_mean_kl']:.0e} "
+            f"(bfloat16 runtimes: top-1 >= {100 * t['min_top1_agree_bf16']:.0f}%, mean KL <= {t['max_mean_kl_bf16']:.0e}).\n\n"
             + head + body + "\n\nExports refused before writing:\n\n" + (refused or "- none") + "\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,12 @@ def vllm_root_cause(stderr: str) -> str:
     return (lines[-1] if lines else "vLLM exited without a message")[:600]
 
 
+def _vllm_kernel(log: str) -> str:
+    """The linear kernel vLLM chose, from its log ("Using CPUWNA16LinearKernel for ..."), or ''."""
+    m = re.search(r"Using (\w+Kernel) for", log)
+    return m.group(1) if m else ""
+
+
 def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> dict[str, Any]:
     """vLLM in a subprocess, compared with eqat's forward in vLLM's dtype: perplexity from the
     log-probabilities of the actual tokens, top-1 agreement from vLLM's top-ranked token at each
@@ -108,7 +114,7 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
         result = Path(tmp) / "result.json"
         proc = subprocess.run([python or sys.executable, str(worker), str(result)], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})  # INFO names the kernel
         if proc.returncode or not result.exists():
             raise RuntimeError(vllm_root_cause(proc.stderr + "\n" + proc.stdout))  # its workers log to either
         res = json.loads(result.read_text())
@@ -126,7 +132,7 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
             "load_s": round(res["load_s"], 2), "tokens_per_s": sum(w.numel() for w in ref.windows) / res["forward_s"],
             "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": top1,
             "max_abs_logprob": diff.max().item(), "mean_abs_logprob": diff.mean().item(),
-            "dtype": spec["dtype"], "kernel": res.get("quantization", ""),
+            "dtype": spec["dtype"], "quantization": res.get("quantization", ""), "kernel": _vllm_kernel(proc.stdout + proc.stderr),
             **greedy_agreement(res["greedy"], base["greedy"])}
 
 

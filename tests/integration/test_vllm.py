@@ -60,10 +60,11 @@ def test_4bit_exports_run_in_vllm_within_1pct_of_eqat(vllm_python, exports, whic
     rows = [r for r in report["rows"] if r["backend"] == "vllm"]
     assert len(rows) == len(folders)
     for r in rows:
-        print(f"\n{r['name']}: vLLM ({r.get('kernel')}) ppl {r.get('ppl', 0):.3f} vs eqat {r.get('reference_ppl', 0):.3f} "
+        print(f"\n{r['name']}: vLLM ({r.get('quantization')}, {r.get('kernel')}) ppl {r.get('ppl', 0):.3f} vs eqat {r.get('reference_ppl', 0):.3f} "
               f"({r.get('ppl_delta_pct', 0):+.3f}%), top-1 {r.get('top1_agree')}, load {r.get('load_s')} s")
         assert r["status"] == "pass", r.get("reason") or r.get("failures")
         assert abs(r["ppl_delta_pct"]) < 1.0 and r["top1_agree"] > 0.95
         assert r["greedy_prefix_agree"] > 0  # it generated, and its first token is eqat's
-    kinds = {r["kernel"] for r in rows}  # vLLM's own name for the quantization it loaded
+    assert all(r["kernel"].endswith("Kernel") for r in rows), [r["kernel"] for r in rows]  # e.g. CPUWNA16LinearKernel
+    kinds = {r["quantization"] for r in rows}  # vLLM's own name for the quantization it loaded
     assert kinds == {"awq", "compressed-tensors"} if which == "asym" else all("gptq" in k for k in kinds), kinds

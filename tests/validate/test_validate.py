@@ -111,7 +111,7 @@ spec = json.load(sys.stdin)
 if "{mode}" == "crash":
     print("ValueError: Failed to find a kernel that can implement the WNA16 linear layer", file=sys.stderr)
     sys.exit(1)
-print("vLLM log noise", end="")  # its processes log to stdout too, without a final newline
+print("(Worker pid=1) INFO [x.py:1] Using CPUWNA16LinearKernel for CompressedTensorsWNA16", end="")  # logs on stdout too
 result = {{"logprob": [[-2.0] * (len(w) - 1) for w in spec["windows"]],
            "top1": [w[1:] for w in spec["windows"]],  # the actual next token, always
            "greedy": [[1] * spec["max_new_tokens"] for _ in spec["prompts"]],
@@ -141,7 +141,8 @@ def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode,
         return
     assert "ppl" in row, row.get("reason")
     assert row["ppl"] == pytest.approx(math.exp(2.0)) and row["load_s"] == 1.5 and row["tokens_per_s"] == pytest.approx(64 / 0.5)
-    assert row["dtype"] == "bfloat16" and row["kernel"] == "compressed-tensors" and row["mean_kl"] is None
+    assert row["dtype"] == "bfloat16" and row["quantization"] == "compressed-tensors" and row["mean_kl"] is None
+    assert row["kernel"] == "CPUWNA16LinearKernel"  # read from its log
     # the stand-in's "top-1" is the actual next token: agreement = how often eqat's bf16 argmax is right
     from eqat.checkpoint import load_quantized
     from eqat.data import eval_token_ids
