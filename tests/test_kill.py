@@ -57,33 +57,43 @@ def state_of(out):
     return "resumable"
 
 
-def lock_of(out):
-    return out.parent / f".{out.name}.lock"  # held while the run works on `out` (eqat/lock.py)
+def wrote_since(out, since):
+    """Whether the run has written into `out/resume` since wall time `since` (its first saved block
+    or step: training is under way)."""
+    for f in (out / "resume").rglob("*"):
+        try:
+            if f.stat().st_mtime > since:
+                return True
+        except OSError:  # replaced while we looked
+            continue
+    return False
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_tokenizer):
-    """An uninterrupted run; returns (root, seconds it held its output lock: the working span)."""
+    """An uninterrupted run; returns (root, seconds from its first write into resume/ to its end:
+    the span in which training state exists on disk)."""
     from conftest import tiny_model
 
     root = tmp_path_factory.mktemp("kill")
     model = tiny_model("llama", vocab=len(tiny_tokenizer))
     model.save_pretrained(root / "tiny")
     tiny_tokenizer.save_pretrained(root / "tiny")
-    p, locked = run(root / "tiny", root / "ref"), None
+    started, first = time.time(), None
+    p = run(root / "tiny", root / "ref")
     while p.poll() is None:
-        if locked is None and lock_of(root / "ref").exists():
-            locked = time.perf_counter()
+        if first is None and wrote_since(root / "ref", started):
+            first = time.perf_counter()
         time.sleep(0.01)
-    assert p.wait(timeout=600) == 0 and locked is not None, p.stderr.read()
-    return root, time.perf_counter() - locked
+    assert p.wait(timeout=600) == 0 and first is not None, p.stderr.read()
+    return root, time.perf_counter() - first
 
 
 def kill_at(root, out, sig, when):
-    """Start the run (or its re-run), send `sig` once `when(out, start time)` holds; returns what
+    """Start the run (or its re-run), send `sig` once `when(out, wall start time)` holds; returns what
     the kill left: 'complete', 'resumable' or 'absent' (`state_of` fails on anything else)."""
+    started = time.time()
     p = run(root / "tiny", out)
-    started = time.perf_counter()
     while p.poll() is None and not when(out, started):
         time.sleep(0.02)
     p.send_signal(sig)
@@ -116,32 +126,33 @@ def test_killed_run_resumes_to_the_same_model(reference, sig, where, reached):
     finish_and_compare(root, out)
 
 
-def after_lock(delay):
-    """A kill condition: `delay` seconds after the run took its output lock (start-up excluded)."""
-    taken = []
+def after_first_write(delay):
+    """A kill condition: `delay` seconds after this run first wrote into resume/ (a block or step saved)."""
+    seen = []
 
     def when(out, started):
-        if not taken:
-            if lock_of(out).exists():
-                taken.append(time.perf_counter())
+        if not seen:
+            if wrote_since(out, started):
+                seen.append(time.perf_counter())
             return False
-        return time.perf_counter() - taken[0] >= delay
+        return time.perf_counter() - seen[0] >= delay
     return when
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_killed_at_random_moments_resumes_to_the_same_model(reference, seed):
-    """Kills at moments drawn from `seed`, uniform over the working span of an uninterrupted run (so
-    they land in Block-AP, E2E-QP or saving, wherever the time goes), SIGKILL and SIGINT in turn:
-    two kills in a row on the same folder, the second during the resumed run, then a final re-run;
-    the model is still the uninterrupted one."""
+    """Kills at moments drawn from `seed`, uniform over the span of an uninterrupted run in which
+    training state is on disk (from its first saved block to its end: Block-AP, E2E-QP, saving,
+    wherever the time goes), SIGKILL and SIGINT in turn: two kills in a row on the same folder, the
+    second timed from the resumed run's first save, then a final re-run; the model is still the
+    uninterrupted one."""
     root, seconds = reference
     rng = random.Random(seed)
     out = root / f"random-{seed}"
     for k in range(2):
-        sig, delay = (signal.SIGKILL, signal.SIGINT)[(seed + k) % 2], rng.uniform(0.0, 1.0 if k == 0 else 0.5) * seconds  # a resumed run is shorter
-        seen = kill_at(root, out, sig, after_lock(delay))
-        print(f"\nseed {seed} kill {k + 1}: {sig.name} {delay:.2f} s into a {seconds:.2f} s working span: folder {seen}")
+        sig, delay = (signal.SIGKILL, signal.SIGINT)[(seed + k) % 2], rng.uniform(0.0, 1.0 if k == 0 else 0.5) * seconds  # a resumed run has less left to do
+        seen = kill_at(root, out, sig, after_first_write(delay))
+        print(f"\nseed {seed} kill {k + 1}: {sig.name} {delay:.2f} s after a save, of a {seconds:.2f} s span: folder {seen}")
         if seen == "complete":  # the run ended before the kill
             break
     finish_and_compare(root, out)
