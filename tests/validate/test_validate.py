@@ -192,3 +192,16 @@ def test_vllm_on_a_cpu_without_avx512_is_skipped_with_the_reason(monkeypatch):
     assert "no AVX-512" in backends.vllm_why_not("compressed-tensors", ct4, "/x/python")
     monkeypatch.setattr(backends, "cpu_has_avx512", lambda: True)
     assert backends.vllm_why_not("compressed-tensors", ct4, "/x/python") is None
+
+
+def test_plot_has_vllm_rows_without_kl(tmp_path):
+    """vLLM rows (top-1, no KL) are plotted beside full-logit rows; no such rows, no plot."""
+    from eqat.validate.report import plot
+
+    t = vars(Thresholds())
+    rows = [{"name": "ct", "backend": "vllm", "dtype": "bfloat16", "status": "pass", "top1_agree": 0.97, "mean_kl": None},
+            {"name": "gptq", "backend": "gptqmodel", "dtype": "float16", "status": "fail", "top1_agree": 0.9, "mean_kl": 2e-3}]
+    assert plot({"rows": rows, "thresholds": t}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    reference_only = [{"name": "ck", "backend": "eqat-torch", "status": "reference"}]
+    assert not plot({"rows": reference_only, "thresholds": t}, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
