@@ -99,10 +99,12 @@ def kill_at(root, out, sig, when):
     p.send_signal(sig)
     code = p.wait(timeout=600)
     seen = state_of(out)
-    # SIGINT: exit 130, or death by SIGINT when it lands while Python runs module code from C (an
-    # import): Python then re-raises the signal at exit although eqat handled it (seen at 2.4 s)
+    # SIGINT: exit 130 with eqat's message, or death by SIGINT, with or without the message (seen:
+    # Python re-raises it at exit when it landed while module code ran from C, and a run died of it
+    # silently, as when a library has put SIGINT back to its default for a moment); the folder must
+    # be as valid after that as after a SIGKILL, which is what the caller checks
     assert code in (0, -signal.SIGKILL, 130, -signal.SIGINT), p.stderr.read()
-    if code in (130, -signal.SIGINT):
+    if code == 130:
         assert "re-run the same command to resume" in p.stderr.read()
     return seen
 
