@@ -82,31 +82,28 @@ def holders_text(fits: dict[str, str | None]) -> str:
 
 def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
     """`formats_for` an eqat checkpoint, from its config alone (no weights read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     src = check_model_dir(src)
     meta = read_eqat_config(src)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
-    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in meta["quantized_modules"]}
+    shapes = _layer_shapes(AutoConfig.from_pretrained(src), list(meta["quantized_modules"]))
     return formats_for(QuantScheme.from_dict(meta["scheme"]), shapes)
 
 
-def _in_features(config: Any, names: list[str]) -> dict[str, int]:
-    """in_features of each named linear, from a skeleton of the model (no weights)."""
+def _layer_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each named linear, from a skeleton of the model (no weights)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    return {name: model.get_submodule(name).in_features for name in names}
+    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
 
 
 def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
     """(quantized layers, every other tensor) of the eqat checkpoint `src`, whose config is `config`."""
     state = load_file(str(src / WEIGHTS))
-    in_features = _in_features(config, list(meta["quantized_modules"]))
+    shapes = _layer_shapes(config, list(meta["quantized_modules"]))
     layers = {}
     for name, info in meta["quantized_modules"].items():
         try:
@@ -114,7 +111,7 @@ def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, Quantized
         except KeyError as e:
             raise EqatInputError(f"{src / WEIGHTS} lacks tensor {e} of quantized module '{name}'; the checkpoint is damaged.") from e
         bias = state.pop(f"{name}.bias", None) if info.get("bias") else None
-        layers[name] = QuantizedLayer(name, qweight, scales, zeros, bias, in_features[name])
+        layers[name] = QuantizedLayer(name, qweight, scales, zeros, bias, shapes[name][1])
     return layers, state
 
 

@@ -111,6 +111,9 @@ spec = json.load(sys.stdin)
 if "{mode}" == "crash":
     print("ValueError: Failed to find a kernel that can implement the WNA16 linear layer", file=sys.stderr)
     sys.exit(1)
+if "{mode}" == "silent":  # exits 0 but writes no result
+    print("RuntimeError: worker died before the result was written", file=sys.stderr)
+    sys.exit(0)
 print("(Worker pid=1) INFO [x.py:1] Using CPUWNA16LinearKernel for CompressedTensorsWNA16", end="")  # logs on stdout too
 result = {{"logprob": [[-2.0] * (len(w) - 1) for w in spec["windows"]],
            "top1": [w[1:] for w in spec["windows"]],  # the actual next token, always
@@ -120,7 +123,7 @@ json.dump(result, open(sys.argv[-1], "w"))  # argv: [worker.py, RESULT.json]
 """
 
 
-@pytest.mark.parametrize("mode", ["ok", "crash"])
+@pytest.mark.parametrize("mode", ["ok", "crash", "silent"])
 def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode, monkeypatch):
     """The vLLM path with a stand-in Python: perplexity from the actual tokens' log-probabilities,
     top-1 agreement and log-probability differences against eqat's own forward in vLLM's dtype,
@@ -136,8 +139,9 @@ def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode,
     fake.chmod(0o755)
     report = validate(checkpoint, [tmp_path / "ct"], backends=["vllm", "eqat-torch"], vllm_python=str(fake), **SMALL)
     row = next(r for r in report["rows"] if r["backend"] == "vllm")
-    if mode == "crash":
-        assert row["status"] == "error" and "Failed to find a kernel" in row["reason"] and not report["passed"]
+    if mode != "ok":
+        why = "Failed to find a kernel" if mode == "crash" else "worker died before the result was written"
+        assert row["status"] == "error" and why in row["reason"] and not report["passed"]
         return
     assert "ppl" in row, row.get("reason")
     assert row["ppl"] == pytest.approx(math.exp(2.0)) and row["load_s"] == 1.5 and row["tokens_per_s"] == pytest.approx(64 / 0.5)
