@@ -45,15 +45,20 @@ def is_eqat_checkpoint(path: str | Path) -> bool:
 @contextmanager
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
+    from eqat.outdir import refuse_dangerous, resolve_out
+
+    out = resolve_out(out)
     if out.exists() and not force:
         raise EqatInputError(f"output folder {out} already exists; pass --force to replace it or choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise EqatInputError(f"--out {out} is a file, not a folder; choose a folder path.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
         _apply_umask(tmp)
         if out.exists():
+            refuse_dangerous(out)  # last line of defence: never the current or home folder
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
@@ -87,15 +92,36 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+REPORT_BYTES = 4 << 20  # reports, plots, configs and the model card beside the weights (a few 100 KB measured)
+
+
+def side_files_bytes(src: str | Path | None) -> int:
+    """Bytes a folder written from `src` holds beside its tensors: `src`'s non-weight files
+    (tokenizer, configs) plus REPORT_BYTES for reports and plots."""
+    if src is None:
+        return REPORT_BYTES
+    files = [f for f in Path(src).iterdir() if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf")]
+    return REPORT_BYTES + sum(f.stat().st_size for f in files)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def check_free_space(folder: str | Path, need_bytes: int, what: str) -> None:
     """Refuse (EqatInputError) before writing `what` when the disk holding `folder` has less than
-    `need_bytes` plus 5% free: a full disk must not be found half-way through a write."""
+    `need_bytes` plus 5% free: a full disk must not be found half-way through a write. A disk that
+    fills anyway (another writer) is caught by the CLI as exit 2 with the same advice."""
     folder = Path(folder).absolute()
     probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     if free < need_bytes * 1.05:
-        raise EqatInputError(f"not enough disk space for {what} in {folder}: need about {need_bytes / 2**30:.2f} GiB, "
-                             f"{free / 2**30:.2f} GiB free; free some space or choose another --out.")
+        raise EqatInputError(f"not enough disk space for {what} in {folder}: need about {human_bytes(need_bytes * 1.05)}, "
+                             f"{human_bytes(free)} free; free some space or choose another --out.")
 
 
 def save_quantized(
@@ -127,7 +153,9 @@ def save_quantized(
         "provenance": provenance or {},
     }
     state = _unique_state_dict(model)
-    check_free_space(Path(out_dir).parent, sum(t.numel() * t.element_size() for t in state.values()), "the checkpoint")
+    tok_dir = getattr(tokenizer, "name_or_path", None)
+    side = side_files_bytes(tok_dir if tok_dir and Path(tok_dir).is_dir() else None)
+    check_free_space(Path(out_dir).parent, sum(t.numel() * t.element_size() for t in state.values()) + side, "the checkpoint")
     with atomic_dir(out_dir, force=force) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -142,6 +170,9 @@ def save_quantized(
 
 def read_eqat_config(path: str | Path) -> dict[str, Any]:
     cfg_path = Path(path) / EQAT_CONFIG
+    if not cfg_path.exists():
+        raise EqatInputError(f"{Path(path)} is not an eqat checkpoint (no {EQAT_CONFIG}): run `eqat quantize` on it "
+                             "first, then use the folder it writes.")
     try:
         meta = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a run failed or a check failed, 2 bad input (the message say
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,10 @@ def emit_json(obj: object) -> None:
     """Print `obj` as JSON on the real stdout (in --json mode, the only thing written there)."""
     Console(file=_json_stdout[-1] if _json_stdout else sys.stdout).print_json(json.dumps(obj, default=str))
 
+FORCE = typer.Option(False, help="Discard an existing output folder that eqat wrote (finished or not) and start over.")
+REPLACE_FOREIGN = typer.Option(False, "--replace-foreign",
+                               help="With --force: also replace a non-empty folder eqat did not write. The current folder, "
+                                    "the home folder and the run's inputs are never replaced.")
 CONFIG = typer.Option(None, "--config", "-c", callback=apply_config, is_eager=True, expose_value=True,
                       help="YAML file of this command's options, keyed by parameter name (e.g. `max_windows: 8`, "
                            "`evaluate: false`; docs/cli.md lists the keys); flags given here win. Every run writes the options it used to <output>/eqat_<command>.yaml.")
@@ -123,7 +128,7 @@ def quantize(
     e2e_schedule: str = E2E_SCHED, e2e_warmup: float = E2E_WARMUP, e2e_max_grad_norm: float = E2E_CLIP,
     e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
     e2e_save_every: int = E2E_SAVE,
-    force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
+    force: bool = FORCE, replace_foreign: bool = REPLACE_FOREIGN,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -133,7 +138,8 @@ def quantize(
 
     opts = QuantizeOptions(
         model=model, method=method, scheme=_scheme(scheme, bits, group_size, symmetric),
-        out=str(out_dir) if out_dir else None, dtype=dtype, device=device, force=force, evaluate=evaluate,
+        out=str(out_dir) if out_dir else None, dtype=dtype, device=device, force=force,
+        replace_foreign=replace_foreign, evaluate=evaluate,
         eval=EvalOptions(eval_data, seqlen, max_windows), calib=CalibOptions(calib_data, nsamples, calib_seqlen, seed),
         block_ap=BlockAPConfig(epochs=epochs, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
                                val_samples=val_samples, loss=loss, act_dtype=act_dtype, offload=offload),
@@ -220,7 +226,7 @@ def train_e2e(
     e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
     e2e_save_every: int = E2E_SAVE,
     seed: int = typer.Option(_E2E.seed, help="Seed for sampling and shuffling the training sequences."),
-    force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
+    force: bool = FORCE, replace_foreign: bool = REPLACE_FOREIGN,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -232,8 +238,9 @@ def train_e2e(
                       e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
                       prompt_format, e2e_save_every)
     cfg.seed = seed
-    report = train_e2e_run(TrainE2EOptions(str(checkpoint), str(out_dir) if out_dir else None, device, force, evaluate,
-                                           EvalOptions(eval_data, seqlen, max_windows), cfg, progress=not quiet))
+    report = train_e2e_run(TrainE2EOptions(str(checkpoint), str(out_dir) if out_dir else None, device, force,
+                                           replace_foreign, evaluate, EvalOptions(eval_data, seqlen, max_windows), cfg,
+                                           progress=not quiet))
     save_config(ctx, report["output"])
     if json_out:
         emit_json(report)
@@ -257,7 +264,8 @@ def export_cmd(
     checkpoint_format: Optional[str] = typer.Option(
         None, help="gptq only: auto (v1 if symmetric, else v2), gptq (v1) or gptq_v2."),
     option: list[str] = typer.Option([], "--option", "-O", help="A format option KEY=VALUE, e.g. -O widen_3bit=false (onnx); repeatable."),
-    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    force: bool = typer.Option(False, help="Replace --out if it exists (an earlier eqat output)."),
+    replace_foreign: bool = REPLACE_FOREIGN,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
 ) -> None:
@@ -270,7 +278,8 @@ def export_cmd(
         if not sep or not key:
             raise EqatInputError(f"--option takes KEY=VALUE, got {item!r}; e.g. -O widen_3bit=false.")
         options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    report = export_checkpoint(model, format, out_dir, force=force, progress=not quiet, **options)
+    report = export_checkpoint(model, format, out_dir, force=force, progress=not quiet, replace_foreign=replace_foreign,
+                               **options)
     save_config(ctx, out_dir)
     if json_out:
         emit_json(report)
@@ -385,6 +394,19 @@ def main() -> None:
             sys.stdout = _json_stdout.pop()
 
 
+def _disk_error(e: OSError) -> str | None:
+    """The message for a write that the disk refused (full, read-only, no permission), else None.
+    Every output is written to a temporary name first, so nothing half-written is left under a
+    final name; resumable runs resume."""
+    where = f" while writing {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full{where}. Nothing was left half-written; free some space (or choose another --out) "
+                "and re-run the same command: an interrupted quantize or train-e2e resumes.")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {e.strerror}. Choose a writable --out."
+    return None
+
+
 def _run() -> None:
     try:
         rc = app(standalone_mode=False)  # returns the exit code of typer.Exit, e.g. 130 for Ctrl-C
@@ -401,6 +423,12 @@ def _run() -> None:
     except KeyboardInterrupt:
         err.print("interrupted; re-run the same command to resume")
         sys.exit(130)
+    except OSError as e:
+        why = _disk_error(e)
+        if why is None:
+            raise
+        err.print(f"[bold red]error:[/bold red] {why}")
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

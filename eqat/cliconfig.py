@@ -13,7 +13,7 @@ import yaml
 
 from eqat.errors import EqatInputError
 
-NOT_SAVED = {"config", "json_out", "quiet", "force"}  # how a run is shown or overwritten, not what it does
+NOT_SAVED = {"config", "json_out", "quiet", "force", "replace_foreign"}  # how a run is shown or overwritten, not what it does
 
 
 def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -21,9 +21,10 @@ def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not value:
         return value
     try:
-        data = yaml.safe_load(Path(value).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise EqatInputError(f"cannot read --config {value}: {e}") from e
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EqatInputError(f"cannot read --config {value}: {str(e)[:200]}. It must be a UTF-8 YAML file "
+                             "(e.g. an eqat_<command>.yaml that a run wrote).") from e
     if not isinstance(data, dict):
         raise EqatInputError(f"--config {value} must hold a mapping of option names to values, not {type(data).__name__}.")
     names = {p.name for p in ctx.command.params} - {"config"}

@@ -117,9 +117,11 @@ def eval_token_ids(tokenizer, source: str = "wikitext2", split: str = "test") ->
 
 
 def calibration_windows(
-    tokenizer, source: str = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0, split: str = "train"
+    tokenizer, source: str = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0, split: str = "train",
+    flags: tuple[str, str] = ("--nsamples (+ --val-samples)", "--calib-seqlen"),
 ) -> torch.Tensor:
     """`n_samples` distinct, non-overlapping windows of `seqlen` tokens, chosen by `seed`.
+    `flags` name the CLI options of (n_samples, seqlen) in error messages.
 
     The documents are joined with "\\n\\n" into one stream, cut into consecutive windows, and
     a seeded random subset is taken. Returns LongTensor [n_samples, seqlen].
@@ -131,7 +133,7 @@ def calibration_windows(
     if n_windows < n_samples:
         raise EqatInputError(
             f"'{source}' has {ids.numel()} tokens: only {n_windows} windows of {seqlen}, fewer than the "
-            f"{n_samples} asked for. Lower --nsamples or --seqlen, or use a larger corpus."
+            f"{n_samples} asked for. Lower {flags[0]} or {flags[1]}, or use a larger corpus."
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:n_samples]

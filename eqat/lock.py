@@ -48,17 +48,55 @@ def _remove_stale_temporaries(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
+def _make_parents(folder: Path, out: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created, deepest first (EqatInputError if it cannot)."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EqatInputError(f"cannot create {folder} for --out {out}: {e.strerror or e}; choose a writable --out.") from e
+    return created
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
 def output_lock(out: str | Path, command: str = "eqat") -> Iterator[Path]:
-    """Hold the lock of output folder `out` for the block; raise EqatInputError if another live run holds it."""
+    """Hold the lock of output folder `out` for the block; raise EqatInputError if another live run holds it.
+
+    The lock is named after the resolved path (symlinks followed), so two spellings of one folder
+    share it. Parent folders it had to create are removed again if the run leaves nothing in them.
+    """
+    out = Path(out).expanduser().resolve()
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path.parent, out)
+    try:
+        with _held(path, out, command):
+            yield path
+    finally:
+        if not out.exists():
+            _remove_if_empty(created)
+
+
+@contextmanager
+def _held(path: Path, out: Path, command: str) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "command": command}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            fd = None
+        except OSError as e:  # read-only file system, no permission
+            raise EqatInputError(f"cannot write in {path.parent} ({e.strerror or e}), so --out {out} cannot be written "
+                                 "there; choose a writable --out.") from e
+        if fd is None:
             owner = _read(path)
             pid, host = owner.get("pid"), owner.get("host")
             if isinstance(pid, int) and host == me["host"] and not _alive(pid):
@@ -80,9 +118,9 @@ def output_lock(out: str | Path, command: str = "eqat") -> Iterator[Path]:
         break
     else:
         raise EqatInputError(f"cannot take the lock {path}; delete it if no eqat run is writing {Path(out)}.")
-    _remove_stale_temporaries(Path(out))
+    _remove_stale_temporaries(out)
     try:
-        yield path
+        yield
     finally:
         if _read(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)

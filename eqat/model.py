@@ -66,10 +66,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     p = check_model_dir(path)
     tokenizer = load_tokenizer(p)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    except SafetensorError as e:
+        raise EqatInputError(f"cannot read the weights in {p}: {e}. A .safetensors file is truncated or damaged; "
+                             "copy the model again.") from e
     except (OSError, ValueError, KeyError) as e:
-        raise EqatInputError(f"cannot load a causal LM from {p}: {e}") from e
+        raise EqatInputError(f"cannot load a causal LM from {p}: {str(e)[:300]}") from e
     return model.to(device).eval(), tokenizer
 
 

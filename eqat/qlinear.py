@@ -18,7 +18,7 @@ from torch import nn
 from eqat.kernels import select_backend
 from eqat.kernels.reference import dequantize_packed
 from eqat.packing import pack_int32, packed_length, unpack_int32
-from eqat.quantizer import init_minmax, quantize_codes
+from eqat.quantizer import init_minmax, quantize_codes, valid_scale, valid_zero
 from eqat.scheme import QuantScheme
 
 
@@ -55,15 +55,16 @@ class QuantLinear(nn.Module):
     ) -> "QuantLinear":
         """Quantize `weight [N, K]` with (scale, zero) [N, G] (min/max init when None).
 
-        The scale is rounded to `dtype` *before* the codes are computed, so the packed module
-        dequantizes to exactly what a fake-quant forward with the stored scale gives.
+        The scale is clamped to its valid range (`valid_scale`, as in the fake-quant forward) and
+        rounded to `dtype` *before* the codes are computed, so the packed module dequantizes to
+        exactly what a fake-quant forward with the stored scale gives.
         """
         n, k = weight.shape
         if scale is None or zero is None:
             scale, zero = init_minmax(weight, scheme)
         layer = cls(k, n, scheme, bias=bias is not None, dtype=dtype, device=weight.device)
-        stored_scale = scale.detach().to(dtype)
-        stored_zero = torch.round(zero.detach().float()).clamp(0, scheme.qmax)
+        stored_scale = valid_scale(scale.detach()).to(dtype)
+        stored_zero = valid_zero(zero.detach(), scheme)
         codes = quantize_codes(weight, stored_scale, stored_zero, scheme)
         layer.qweight.copy_(pack_int32(codes, scheme.bits))
         layer.scales.data.copy_(stored_scale)

@@ -12,10 +12,14 @@ pushed below the floor can still come back); `z` is rounded and clamped to the g
 forward pass, both through STE. The clamp of `q` is an ordinary clamp: clipped weights get no
 gradient through the rounding path, as in LSQ/EfficientQAT.
 
-Scale floor: SCALE_MIN = 1e-5. A group whose weights are all equal (a dead row, or padding)
-has range 0 and would get s = 0 and divide by zero; the floor keeps it finite. 1e-5 is small
-enough not to coarsen any real group of a trained LLM (typical steps are 1e-3 to 1e-1) and
-large enough that fp16 storage (subnormals below 6.1e-5, spacing 6e-8) keeps it within 1%.
+Valid range of a scale: [SCALE_MIN, SCALE_MAX] = [2^-16, 2^14]. A group whose weights are all
+equal (a dead row, or padding) has range 0 and would get s = 0 and divide by zero; the floor
+keeps it finite. 2^-16 (1.5e-5) is small enough not to coarsen any real group of a trained LLM
+(typical steps are 1e-3 to 1e-1). Both limits are powers of two, exact in fp16 and bf16, so a
+clamped scale survives the cast to the storage dtype unchanged. `valid_scale` and `valid_zero`
+are the one definition of the clamps: the training forward (`fake_quantize`, through STE), the
+codes (`quantize_codes`) and the packed layer (`QuantLinear.from_weight`) all apply them, so the
+packed layer computes what training saw, whatever the optimizer did to the scales.
 """
 
 from __future__ import annotations
@@ -25,8 +29,18 @@ from torch import nn
 
 from eqat.scheme import QuantScheme
 
-SCALE_MIN = 1e-5
-SCALE_MAX = 1e4
+SCALE_MIN = 2.0**-16
+SCALE_MAX = 2.0**14
+
+
+def valid_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` clamped to [SCALE_MIN, SCALE_MAX], float32 (NaN stays NaN: the guards catch it)."""
+    return scale.float().clamp(SCALE_MIN, SCALE_MAX)
+
+
+def valid_zero(zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """`zero` rounded to the integer grid [0, 2^b - 1], float32."""
+    return torch.round(zero.float()).clamp(0, scheme.qmax)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +86,9 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sche
     w: [N, K]; scale, zero: [N, G]. Returns [N, K] in w's dtype (computed in float32).
     """
     g = scheme.group_size_for(w.shape[1])
-    s = clamp_ste(scale.float(), SCALE_MIN, SCALE_MAX).unsqueeze(-1)
-    z = clamp_ste(round_ste(zero.float()), 0, scheme.qmax).unsqueeze(-1)
+    s, z = scale.float(), zero.float()
+    s = (s + (valid_scale(s) - s).detach()).unsqueeze(-1)  # the clamps of valid_*, straight-through
+    z = (z + (valid_zero(z, scheme) - z).detach()).unsqueeze(-1)
     q = torch.clamp(round_ste(_grouped(w.float(), g) / s) + z, 0, scheme.qmax)
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
 
@@ -81,8 +96,8 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sche
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Integer codes of `w`: uint8 [N, K]. Uses exactly the arithmetic of `fake_quantize`."""
     g = scheme.group_size_for(w.shape[1])
-    s = scale.detach().float().clamp(SCALE_MIN, SCALE_MAX).unsqueeze(-1)
-    z = torch.round(zero.detach().float()).clamp(0, scheme.qmax).unsqueeze(-1)
+    s = valid_scale(scale.detach()).unsqueeze(-1)
+    z = valid_zero(zero.detach(), scheme).unsqueeze(-1)
     q = torch.clamp(torch.round(_grouped(w.detach().float(), g) / s) + z, 0, scheme.qmax)
     return q.reshape(w.shape).to(torch.uint8)
 

@@ -7,6 +7,7 @@ and write the output folder atomically with its report (JSON) and plot inside.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from eqat.data import eval_token_ids
 from eqat.errors import EqatInputError
 from eqat.evaluate import perplexity
 from eqat.lock import output_lock
+from eqat.outdir import check_output, resolve_out
 from eqat.model import load_model, model_size_bytes, parse_dtype
 from eqat.report import environment, plot_block_losses, plot_layer_errors, write_json
 from eqat.scheme import QuantScheme
@@ -60,6 +62,7 @@ class QuantizeOptions:
     dtype: str = "float16"  # storage dtype of scales and zero-points
     device: str = "cpu"
     force: bool = False
+    replace_foreign: bool = False  # with force: also replace a non-empty folder eqat did not write
     evaluate: bool = True
     eval: EvalOptions = field(default_factory=EvalOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
@@ -85,7 +88,7 @@ class QuantizeOptions:
         """What determines the Block-AP model: a resumed run must match it (E2E-QP options
         may change between a killed run and its resume; they have their own fingerprint)."""
         d = self.to_dict()
-        for k in ("out", "force", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e"):
+        for k in ("out", "force", "replace_foreign", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e"):
             d.pop(k, None)
         d["model_path"] = str(model_path)
         d["block_ap"].pop("offload", None)  # where activations live does not change the result
@@ -101,10 +104,15 @@ def resolve_model(model: str | None) -> Path:
 
 
 def resolve_device(device: str) -> str:
+    """`cpu`, `cuda`, `cuda:N` (a device torch sees) or `auto`; anything else is bad input."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise EqatInputError(f"--device must be cpu, cuda, cuda:N or auto, not '{device}'.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EqatInputError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu.")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise EqatInputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
     return device
 
 
@@ -123,8 +131,6 @@ def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     (Block-AP and/or E2E-QP state in `out/resume/`) is resumed when `resumable`; any other
     existing folder is left alone unless --force.
     """
-    if out.exists() and not out.is_dir():
-        raise EqatInputError(f"--out {out} is a file; choose a folder path.")
     unfinished = (out / RESUME).is_dir() and any((out / RESUME).iterdir()) and not is_eqat_checkpoint(out)
     if out.exists() and force:
         shutil.rmtree(out)
@@ -141,7 +147,8 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     """Load, (evaluate,) quantize, (evaluate,) save. Returns the report that is also saved.
     One run per output folder: a second one refuses while this holds the folder's lock."""
     model_path = resolve_model(opts.model)
-    out = Path(opts.out) if opts.out else Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}"
+    out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}")
+    check_output(out, [model_path], opts.force, opts.replace_foreign)
     with output_lock(out, "eqat quantize"):
         return _quantize_run(opts, model_path, out)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from eqat.errors import EqatInputError
 from eqat.lock import output_lock
+from eqat.outdir import check_output, resolve_out
 from eqat.report import environment, plot_e2e_losses, write_json
 from eqat.train.e2e import E2EQPConfig, E2EQPTrainer
 from eqat.train.e2e_data import E2EData, e2e_examples
@@ -49,6 +50,7 @@ class TrainE2EOptions:
     out: str | None = None
     device: str = "cpu"
     force: bool = False
+    replace_foreign: bool = False  # with force: also replace a non-empty folder eqat did not write
     evaluate: bool = True
     eval: Any = None  # eqat.run.EvalOptions
     e2e: E2EQPConfig = field(default_factory=E2EQPConfig)
@@ -71,9 +73,8 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
     opts.e2e.check()
     ev = opts.eval or EvalOptions()
     device = resolve_device(opts.device)
-    out = Path(opts.out) if opts.out else src.with_name(src.name + "-e2e")
-    if out.resolve() == src.resolve():
-        raise EqatInputError("--out must differ from the input checkpoint: E2E-QP writes a new checkpoint.")
+    out = resolve_out(opts.out or src.with_name(src.name + "-e2e"))
+    check_output(out, [src], opts.force, opts.replace_foreign)
     with output_lock(out, "eqat train-e2e"):
         return _train_e2e(opts, src, meta, out, ev, device)
 

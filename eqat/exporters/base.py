@@ -18,14 +18,16 @@ from typing import Any, Callable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from eqat import __version__
-from eqat.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config
+from eqat.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config, side_files_bytes
 from eqat.errors import EqatInputError
 from eqat.lock import output_lock
 from eqat.model import check_model_dir, load_tokenizer
+from eqat.outdir import check_output, resolve_out
 from eqat.scheme import QuantScheme
 
 
@@ -102,7 +104,10 @@ def _layer_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, int]]:
 
 def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
     """(quantized layers, every other tensor) of the eqat checkpoint `src`, whose config is `config`."""
-    state = load_file(str(src / WEIGHTS))
+    try:
+        state = load_file(str(src / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise EqatInputError(f"cannot read {src / WEIGHTS}: {e}. The checkpoint is damaged; re-run `eqat quantize`.") from e
     shapes = _layer_shapes(config, list(meta["quantized_modules"]))
     layers = {}
     for name, info in meta["quantized_modules"].items():
@@ -140,8 +145,10 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
 
 
 def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = False,
-                      max_shard_size: str = "4GB", progress: bool = True, **options: Any) -> dict[str, Any]:
-    """Export the eqat checkpoint `src` to `fmt` in `out`; returns the export report."""
+                      max_shard_size: str = "4GB", progress: bool = True, replace_foreign: bool = False,
+                      **options: Any) -> dict[str, Any]:
+    """Export the eqat checkpoint `src` to `fmt` in `out`; returns the export report.
+    `replace_foreign` (with `force`) allows replacing a non-empty folder eqat did not write."""
     if fmt not in EXPORTERS:
         raise EqatInputError(f"unknown export format '{fmt}'; available: {', '.join(EXPORTERS)}.")
     exporter = EXPORTERS[fmt]
@@ -155,6 +162,10 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     src = check_model_dir(src)
     meta = read_eqat_config(src)
     scheme = QuantScheme.from_dict(meta["scheme"])
+    out = resolve_out(out)
+    check_output(out, [src], force, replace_foreign)
+    if out.exists() and not force:
+        raise EqatInputError(f"output folder {out} already exists; pass --force to replace it or choose another --out.")
     t0 = time.perf_counter()
     from transformers import AutoConfig, GenerationConfig
 
@@ -176,7 +187,8 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     report = {"format": fmt, "options": opts, "scheme": scheme.to_dict(), "source": str(src),
               "eqat_version": __version__, "quantized_layers": len(layers), "notes": notes,
               "seconds": None, "runtimes": exporter.runtimes}
-    check_free_space(Path(out).parent, sum(t.numel() * t.element_size() for t in state.values()), f"the {fmt} export")
+    check_free_space(out.parent, sum(t.numel() * t.element_size() for t in state.values()) + side_files_bytes(src),
+                     f"the {fmt} export")
     with output_lock(out, f"eqat export --format {fmt}"), atomic_dir(out, force=force) as tmp:
         config.quantization_config = qconfig
         config.save_pretrained(tmp)

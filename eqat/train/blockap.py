@@ -12,7 +12,12 @@ learns to correct the error its predecessors left). Both are kept as `act_dtype`
 default) in memory or memory-mapped files (`offload="disk"`); one block is on the compute
 device at a time. After each block the packed block, both streams and `state.json` are
 written to `state_dir`, so a killed run resumes at the first unfinished block and ends with
-the same model as an uninterrupted one.
+the same model as an uninterrupted one. Resume state is JSON, safetensors and raw activation
+files only (block 0's keyword arguments through eqat/train/state.py): nothing is unpickled.
+
+A block whose packed output (held-out loss) or stored tensors are not finite stops the run
+(EqatError, exit 1) before it is saved; scales pinned at the clamp limits and a loss that rose
+in training are recorded per block for the pipeline to report.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,9 +45,12 @@ from eqat.scheme import QuantScheme
 from eqat.train.fakequant import freeze_block, trainable_groups, wrap_block
 from eqat.train.guard import NonFiniteGuard, NonFiniteRun
 from eqat.train.rtn import check_scheme, replace_module
+from eqat.quantizer import SCALE_MAX, SCALE_MIN
+from eqat.train.state import damaged, load_state, save_state, storable
 from eqat.train.streams import OFFLOADS, ActivationStream
 
 STATE = "state.json"
+KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: block 0's keyword arguments
 LOSSES = ("mse", "relative")
 MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
 
@@ -95,6 +104,11 @@ class BlockAPConfig:
             raise EqatInputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
         if self.epochs < 0 or self.batch_size < 1 or self.val_samples < 0:
             raise EqatInputError("need --epochs >= 0, --batch-size >= 1 and --val-samples >= 0.")
+        for flag, lr in (("--lr-weight", self.lr_weight), ("--lr-quant", self.lr_quant)):
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                raise EqatInputError(f"{flag} must be a positive learning rate, got {lr}; the defaults are in docs/block-ap.md.")
+        if not (self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise EqatInputError("need weight_decay >= 0 and 0 <= min_lr_ratio <= 1.")
 
 
 @dataclass
@@ -113,6 +127,8 @@ class BlockRecord:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (eqat/train/guard.py)
     restarts: int = 0  # restarts from the block's state before training, each at half the learning rates
     lr_scale: float = 1.0
+    scales_at_limit: int = 0  # stored scales at SCALE_MIN or SCALE_MAX (eqat.quantizer)
+    scales_total: int = 0
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -177,8 +193,9 @@ class BlockAPTrainer:
 
     # ---- inputs of block 0 -------------------------------------------------------------
     @torch.no_grad()
-    def _capture(self, calib: torch.Tensor, stream: ActivationStream) -> dict[str, Any]:
-        """Fill `stream` with the inputs of block 0; return block 0's keyword arguments."""
+    def _capture(self, calib: torch.Tensor, stream: ActivationStream | None) -> dict[str, Any]:
+        """Fill `stream` with the inputs of block 0 (None: run one window only); return block 0's
+        keyword arguments."""
         spec = arch_for(self.model)
         front = [get_submodule(self.model, p) for p in (spec.embed, spec.rotary)]
         front = [m for m in front if m is not None]
@@ -195,11 +212,12 @@ class BlockAPTrainer:
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for i in range(calib.shape[0]):
+            for i in range(calib.shape[0] if stream is not None else 1):
                 try:
                     self.model(calib[i : i + 1].to(self.device), use_cache=False)
                 except _Stop:
-                    stream[i] = hook.x[0].cpu()
+                    if stream is not None:
+                        stream[i] = hook.x[0].cpu()
         finally:
             handle.remove()
             for m in front:
@@ -216,22 +234,50 @@ class BlockAPTrainer:
         path = self.state_dir / STATE
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
+        if not isinstance(state, dict):
+            raise damaged(path, "not a mapping")
         if state.get("fingerprint") != json.loads(json.dumps(self.fingerprint, default=str)):
             raise EqatInputError(
                 f"{self.state_dir} holds an unfinished run with different settings; re-run with the same "
                 "settings to resume, or pass --force to start over."
             )
+        if not isinstance(state.get("next_block"), int) or not isinstance(state.get("records"), list):
+            raise damaged(path, "no next_block or records")
         return state
 
-    def _write_state(self, next_block: int, shape: tuple[int, int, int], kwargs_file: str) -> None:
+    def _save_kwargs(self, kw: dict[str, Any]) -> None:
+        """Block 0's keyword arguments; those a resume state cannot hold are rebuilt on resume."""
+        keep = {k: v for k, v in kw.items() if storable(v)}
+        save_state(self.state_dir, KWARGS, self.fingerprint, {"kwargs": keep, "rebuild": sorted(set(kw) - set(keep))})
+
+    def _load_kwargs(self, calib: torch.Tensor) -> dict[str, Any]:
+        saved = load_state(self.state_dir, KWARGS, self.fingerprint, "an unfinished run")
+        if saved is None:
+            raise damaged(self.state_dir / f"{KWARGS}.json", "the file is missing")
+        kw = saved["kwargs"]
+        if saved["rebuild"]:
+            fresh = self._capture(calib, None)
+            kw.update({k: fresh[k] for k in saved["rebuild"]})
+        return kw
+
+    def _write_state(self, next_block: int, shape: tuple[int, int, int]) -> None:
         state = {
             "fingerprint": self.fingerprint, "next_block": next_block, "num_blocks": len(self.blocks),
-            "shape": list(shape), "kwargs_file": kwargs_file, "records": [asdict(r) for r in self.records],
+            "shape": list(shape), "records": [asdict(r) for r in self.records],
         }
         tmp = self.state_dir / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1, default=str))
         os.replace(tmp, self.state_dir / STATE)
+
+    def _open_stream(self, path: Path, shape: tuple[int, int, int]) -> ActivationStream:
+        try:
+            return ActivationStream.open(path, shape, self.act_dtype, self.config.offload)
+        except FileNotFoundError as e:
+            raise damaged(path, str(e)) from e
 
     def _save_block(self, i: int) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}
@@ -245,7 +291,11 @@ class BlockAPTrainer:
             q = QuantLinear(lin.in_features, lin.out_features, self.scheme, bias=lin.bias is not None,
                             dtype=self.storage_dtype)
             replace_module(block, name, q)
-        block.load_state_dict(load_file(str(self.state_dir / f"block_{i:03d}.safetensors")), strict=True)
+        path = self.state_dir / f"block_{i:03d}.safetensors"
+        try:
+            block.load_state_dict(load_file(str(path)), strict=True)
+        except (OSError, SafetensorError, RuntimeError) as e:
+            raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
 
     # ---- one block ----------------------------------------------------------------------
     def _loss(self, block: nn.Module, xs: ActivationStream, ys: ActivationStream, idx: range, kw) -> float:
@@ -345,16 +395,26 @@ class BlockAPTrainer:
                                     "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
                                     "or --act-dtype float32.") from e
                 lr_scale /= 2
-        freeze_block(block, self.storage_dtype)
+        frozen = freeze_block(block, self.storage_dtype)
         final_loss = self._loss(block, xq, yfp, val, kw)
+        self._check_finite(i, block, final_loss)
+        at_limit = sum(int(((q.scales == SCALE_MIN) | (q.scales == SCALE_MAX)).sum()) for q in frozen.values())
         xq_next = ActivationStream.create(p_q, (n, t, h), self.act_dtype, cfg.offload)
         self._apply(block, xq, xq_next, kw)
         self.blocks[i] = block.to("cpu")
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
-                          guard.skipped, restarts, lr_scale)
+                          guard.skipped, restarts, lr_scale, at_limit, sum(q.scales.numel() for q in frozen.values()))
         self.records.append(rec)
         return yfp, xq_next
+
+    def _check_finite(self, i: int, block: nn.Module, loss: float) -> None:
+        """Stop (EqatError, exit 1) before saving block i when its packed form is broken."""
+        bad = [n for n, t in block.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad or not math.isfinite(loss):
+            what = f"stored tensors {bad[:4]} are not finite" if bad else f"its held-out loss after packing is {loss}"
+            raise EqatError(f"Block-AP block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
+                            "--lr-quant (the run resumes at this block), or --force to start over.")
 
     # ---- the whole model ----------------------------------------------------------------
     def run(self, calib: torch.Tensor) -> list[BlockRecord]:
@@ -365,28 +425,26 @@ class BlockAPTrainer:
         n_train = n - cfg.val_samples if n > cfg.val_samples else n
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = self._read_state()
-        kw_file = self.state_dir / "block_kwargs.pt"
         if state is None:
             xfp = ActivationStream.create(self._paths(0)[0], (n, t, h), self.act_dtype, cfg.offload)
             kw = self._capture(calib, xfp)
             xfp.save()
-            tmp = kw_file.with_suffix(".tmp")
-            torch.save(kw, tmp)
-            os.replace(tmp, kw_file)
+            self._save_kwargs(kw)
             xq = ActivationStream.create(self._paths(0)[1], (n, t, h), self.act_dtype, cfg.offload)
             xq.data.copy_(xfp.data)
             xq.save()
             start = 0
-            self._write_state(0, (n, t, h), kw_file.name)
+            self._write_state(0, (n, t, h))
         else:
             start = int(state["next_block"])
-            self.records = [BlockRecord(**r) for r in state["records"]]
+            try:
+                self.records = [BlockRecord(**r) for r in state["records"]]
+            except TypeError as e:
+                raise damaged(self.state_dir / STATE, f"bad block records: {e}") from e
             for j in range(start):
                 self._load_block(j)
-            kw = torch.load(kw_file, weights_only=False)
-            p_fp, p_q = self._paths(start)
-            xfp = ActivationStream.open(p_fp, (n, t, h), self.act_dtype, cfg.offload)
-            xq = ActivationStream.open(p_q, (n, t, h), self.act_dtype, cfg.offload)
+            kw = self._load_kwargs(calib)
+            xfp, xq = (self._open_stream(p, (n, t, h)) for p in self._paths(start))
         kw = {k: _to(v, self.device) for k, v in kw.items()}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -395,7 +453,7 @@ class BlockAPTrainer:
             self._save_block(i)
             xfp_next.save()
             xq_next.save()
-            self._write_state(i + 1, (n, t, h), kw_file.name)
+            self._write_state(i + 1, (n, t, h))
             for old in self._paths(i):
                 old.unlink(missing_ok=True)
             xfp.release(), xq.release()

@@ -11,7 +11,8 @@ are cast back to the checkpoint's storage dtype at the end; zero-points are roun
 grid. The integer codes are never touched.
 
 Resume: every `save_every` optimizer steps the scales, the optimizer and scheduler state and
-the loss log are written atomically to `state_dir/e2e_state.pt`; a re-run with the same
+the loss log are written atomically to `state_dir/e2e_state.json` (+ its safetensors file; no
+pickle, eqat/train/state.py); a re-run with the same
 settings continues from there and, since the batch order is a function of (seed, step), ends
 with the same scales as an uninterrupted run.
 """
@@ -19,7 +20,6 @@ with the same scales as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from eqat.checkpoint import quantized_modules
 from eqat.errors import EqatError, EqatInputError
 from eqat.memory import PeakMemory
-from eqat.quantizer import SCALE_MAX, SCALE_MIN
+from eqat.quantizer import SCALE_MAX, SCALE_MIN, valid_zero
 from eqat.train.e2e_data import IGNORE, E2EData
 from eqat.train.guard import NonFiniteGuard, NonFiniteRun
+from eqat.train.state import damaged, load_state, save_state
 
-STATE = "e2e_state.pt"
+STATE = "e2e_state"  # e2e_state.json + e2e_state.<n>.safetensors (eqat/train/state.py)
 MAX_HALVINGS = 2  # learning-rate halvings after repeated non-finite steps before E2E-QP gives up
 SCHEDULES = ("cosine", "constant")
 
@@ -84,7 +85,11 @@ class E2EQPConfig:
             )
         if self.schedule not in SCHEDULES:
             raise EqatInputError(f"--e2e-schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'.")
-        if not 0 <= self.warmup_ratio < 1 or self.max_grad_norm < 0 or self.save_every < 1:
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise EqatInputError(f"--e2e-lr must be a positive learning rate, got {self.lr}; the defaults are in docs/e2e-qp.md.")
+        if not self.weight_decay >= 0:
+            raise EqatInputError(f"E2E-QP weight_decay must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.warmup_ratio < 1 or not self.max_grad_norm >= 0 or self.save_every < 1:
             raise EqatInputError("need 0 <= --e2e-warmup < 1, --e2e-max-grad-norm >= 0 and save_every >= 1.")
 
     def total_steps(self, n_train: int) -> int:
@@ -200,35 +205,33 @@ class E2EQPTrainer:
     def _finalize(self) -> None:
         for m in self.qmods.values():
             m.scales = nn.Parameter(m.scales.detach().to(self.storage), requires_grad=False)
-            zeros = torch.round(m.zeros.detach().float()).clamp(0, m.scheme.qmax)
+            zeros = valid_zero(m.zeros.detach(), m.scheme)
             m.zeros = nn.Parameter(zeros.to(self.storage), requires_grad=False)
 
     # ---- resume state --------------------------------------------------------------------
     def _save(self, step: int, opt, sched, extra: dict[str, Any]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "fingerprint": self.fingerprint, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scales": {n: m.scales.detach().cpu() for n, m in self.qmods.items()},
-            "zeros": {n: m.zeros.detach().cpu() for n, m in self.qmods.items()} if self.config.train_zeros else None,
+            "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scales": {n: m.scales for n, m in self.qmods.items()},
+            "zeros": {n: m.zeros for n, m in self.qmods.items()} if self.config.train_zeros else None,
             **extra,
         }
-        tmp = self.state_dir / (STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_dir / STATE)
+        save_state(self.state_dir, STATE, self.fingerprint, state)
 
     def _load(self) -> dict[str, Any] | None:
-        path = self.state_dir / STATE
-        if not path.is_file():
+        """The step checkpoint, or None. Plain JSON + safetensors (eqat/train/state.py): the
+        fingerprint is checked before any tensor is read, and nothing is unpickled."""
+        state = load_state(self.state_dir, STATE, self.fingerprint, "an E2E-QP run")
+        if state is None:
             return None
-        state = torch.load(path, weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            raise EqatInputError(f"{path} holds an E2E-QP run with other settings; re-run with the same settings "
-                                 "to resume, or pass --force to start over.")
-        with torch.no_grad():
-            for n, m in self.qmods.items():
-                m.scales.copy_(state["scales"][n])
-                if state["zeros"] is not None:
-                    m.zeros.copy_(state["zeros"][n])
+        try:
+            with torch.no_grad():
+                for n, m in self.qmods.items():
+                    m.scales.copy_(state["scales"][n])
+                    if state["zeros"] is not None:
+                        m.zeros.copy_(state["zeros"][n])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise damaged(self.state_dir / f"{STATE}.json", f"its scales do not fit the model: {str(e)[:120]}") from e
         return state
 
     # ---- training ------------------------------------------------------------------------
@@ -256,10 +259,13 @@ class E2EQPTrainer:
             start, log, seconds, tokens = 0, [], 0.0, 0
             val_before = mean_nll(model, val, cfg.batch_size, self.device, self.autocast)
         else:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start, log, seconds, tokens = state["step"], state["log"], state["seconds"], state["tokens"]
-            val_before = state["val_before"]
+            try:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                start, log, seconds, tokens = int(state["step"]), state["log"], state["seconds"], state["tokens"]
+                val_before = state["val_before"]
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise damaged(self.state_dir / f"{STATE}.json", f"{type(e).__name__}: {str(e)[:120]}") from e
         if cfg.grad_checkpointing:
             _checkpointing(model, True)
             model.train()  # transformers checkpoints only in training mode; Llama-family has no dropout

@@ -106,6 +106,7 @@ def e2e_examples(tokenizer, source: str, n_train: int, n_val: int, seqlen: int, 
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: n_train + n_val]
         data = data.rows(pick)
     else:
-        ids = calibration_windows(tokenizer, source, n_train + n_val, seqlen, seed)
+        ids = calibration_windows(tokenizer, source, n_train + n_val, seqlen, seed,
+                                  flags=("--e2e-nsamples (+ --e2e-val-samples)", "--e2e-seqlen"))
         data = E2EData(ids, ids.clone(), torch.ones_like(ids))
     return data.rows(slice(0, n_train)), data.rows(slice(n_train, n_train + n_val))
