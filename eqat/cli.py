@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -84,6 +85,12 @@ def _scheme(scheme: Optional[str], bits: int, group_size: int, symmetric: bool):
     return QuantScheme.parse(scheme) if scheme else QuantScheme(bits, group_size, symmetric)
 
 
+def _print_warnings(report: dict) -> None:
+    """A run's warnings on stderr, also with --quiet and --json (they are in report.json too)."""
+    for w in report.get("warnings", []):
+        err.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
+
+
 def _fmt_ppl(r: Optional[dict]) -> str:
     return "-" if not r else f"{r['ppl']:.2f}"
 
@@ -151,6 +158,7 @@ def quantize(
     )
     report = quantize_run(opts)
     save_config(ctx, report["output"])
+    _print_warnings(report)
     if json_out:
         emit_json(report)
         return
@@ -204,6 +212,9 @@ def eval_cmd(
     elif not quiet:
         out.print(f"perplexity {result['ppl']:.3f} on {result['data']} ({result['windows']} windows x {result['seqlen']} "
                   f"tokens, {result['seconds']:.1f} s)")
+    if not math.isfinite(result["ppl"]):
+        raise EqatError(f"perplexity is {result['ppl']}: the model's output is not finite on {result['data']}; the "
+                        "model is broken (a checkpoint from a diverged run?).")
 
 
 @app.command("train-e2e", epilog="Examples:\n\n  eqat train-e2e eqat-out/SmolLM2-135M-Instruct-w2g64-block-ap --max-windows 8\n\n"
@@ -242,6 +253,7 @@ def train_e2e(
                                            replace_foreign, evaluate, EvalOptions(eval_data, seqlen, max_windows), cfg,
                                            progress=not quiet))
     save_config(ctx, report["output"])
+    _print_warnings(report)
     if json_out:
         emit_json(report)
     elif not quiet:

@@ -21,6 +21,7 @@ from eqat.checkpoint import is_eqat_checkpoint, load_quantized, quantized_module
 from eqat.data import eval_token_ids
 from eqat.errors import EqatInputError
 from eqat.evaluate import perplexity
+from eqat.health import check_finite, check_perplexity, run_warnings
 from eqat.lock import output_lock
 from eqat.outdir import check_output, resolve_out
 from eqat.model import load_model, model_size_bytes, parse_dtype
@@ -211,8 +212,11 @@ def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[st
         report["e2e_seconds"] = time.perf_counter() - t_e
     report["layer_relative_error"] = errors
     report["quantized_size_bytes"] = model_size_bytes(model)
+    check_finite(model, "eqat quantize")
     if ids is not None:
         report["perplexity"] = ppl(opts.scheme.name)
+        check_perplexity(report["perplexity"], "eqat quantize")
+    report["warnings"] = run_warnings(model, report)
     report["total_seconds"] = time.perf_counter() - t0
 
     def extras(folder: Path) -> None:

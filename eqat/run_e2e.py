@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from eqat.errors import EqatInputError
+from eqat.health import check_finite, check_perplexity, run_warnings
 from eqat.lock import output_lock
 from eqat.outdir import check_output, resolve_out
 from eqat.report import environment, plot_e2e_losses, write_json
@@ -103,8 +104,11 @@ def _train_e2e(opts: TrainE2EOptions, src: Path, meta: dict, out: Path, ev: Any,
         report["perplexity_before"] = ppl("before E2E-QP")
     fingerprint = {"checkpoint": str(src.resolve()), "e2e": e2e_fingerprint(opts.e2e)}
     report["e2e_qp"] = run_e2e(model, opts.e2e, data, out / RESUME / RESUME_E2E, device, fingerprint, opts.progress)
+    check_finite(model, "eqat train-e2e")
     if ids is not None:
         report["perplexity"] = ppl("after E2E-QP")
+        check_perplexity(report["perplexity"], "eqat train-e2e")
+    report["warnings"] = run_warnings(model, report)
     report["total_seconds"] = time.perf_counter() - t0
     report["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process, Linux KiB
     model.to("cpu")

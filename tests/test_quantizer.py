@@ -66,3 +66,26 @@ def test_symmetric_zero_is_fixed_buffer():
     assert "zero" not in dict(fq.named_parameters())
     assert torch.all(fq.zero == 8)
     assert torch.equal(fq.codes(w), quantize_codes(w, fq.scale, fq.zero, fq.scheme))
+
+
+def test_packed_layer_agrees_with_training_forward_for_out_of_range_scales():
+    """Scales an optimizer pushed <= 0 or past the ceiling, and zero-points off the grid: the packed
+    QuantLinear dequantizes to exactly the fake-quant forward (the same clamps in both)."""
+    from eqat.qlinear import QuantLinear
+    from eqat.quantizer import SCALE_MAX, valid_scale
+
+    torch.manual_seed(0)
+    scheme = QuantScheme(2, 16)
+    w = torch.randn(6, 32)
+    fq = FakeQuantizer(w, scheme)
+    fq.scale.data[0] = -0.3
+    fq.scale.data[1] = 0.0
+    fq.scale.data[2] = 1e9
+    fq.zero.data[3] = 7.6
+    fq.zero.data[4] = -2.0
+    layer = QuantLinear.from_weight(w, scheme, scale=fq.scale.detach(), zero=fq.zero.detach(), dtype=torch.float16)
+    assert (layer.scales.float() >= SCALE_MIN).all() and (layer.scales.float() <= SCALE_MAX).all()
+    fq.scale.data = valid_scale(fq.scale.data).half().float()  # what fp16 storage keeps
+    torch.testing.assert_close(layer.dequantize(), fq(w), rtol=0, atol=0)
+    for dtype in (torch.float16, torch.bfloat16):  # the limits survive the storage cast exactly
+        assert valid_scale(torch.tensor([-1.0, 1e9])).to(dtype).float().tolist() == [SCALE_MIN, SCALE_MAX]

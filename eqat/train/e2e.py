@@ -317,9 +317,13 @@ class E2EQPTrainer:
             _checkpointing(model, False)
         model.eval()
         self._finalize()
+        val_after = mean_nll(model, val, cfg.batch_size, self.device, self.autocast)
+        if val_after is not None and not math.isfinite(val_after):
+            raise EqatError(f"E2E-QP: the held-out loss after training is {val_after}: the trained scales break the model; "
+                            f"lower --e2e-lr (the step checkpoint in {self.state_dir} is kept; --force starts over).")
         return E2EResult(
             steps=total, lr=lr, trainable_params=sum(p.numel() for p in params),
-            val_loss_before=val_before, val_loss_after=mean_nll(model, val, cfg.batch_size, self.device, self.autocast),
+            val_loss_before=val_before, val_loss_after=val_after,
             train_seconds=seconds, tokens=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
             peak_memory=pm.to_dict(), resumed_at=start, log=log,
             skipped_steps=sum(1 for r in log if r.get("skipped")), lr_halvings=halvings,
