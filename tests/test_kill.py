@@ -32,12 +32,12 @@ def _next_block(n):
 
 # (signal, where, when to send it): points inside Block-AP, between blocks, inside E2E-QP and while saving
 KILLS = [
-    (signal.SIGKILL, "block-ap started", _exists("{name}/resume/block_kwargs.pt")),
+    (signal.SIGKILL, "block-ap started", _exists("{name}/resume/block_kwargs.json")),
     (signal.SIGKILL, "after block 1", _next_block(1)),
-    (signal.SIGINT, "inside Block-AP", _exists("{name}/resume/block_kwargs.pt")),
-    (signal.SIGKILL, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.pt")),
+    (signal.SIGINT, "inside Block-AP", _exists("{name}/resume/block_kwargs.json")),
+    (signal.SIGKILL, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.json")),
     (signal.SIGKILL, "while saving", _exists(".{name}.tmp-*")),
-    (signal.SIGINT, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.pt")),
+    (signal.SIGINT, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.json")),
 ]
 
 def run(model, out, **kw):
