@@ -70,6 +70,7 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
     meta = read_eqat_config(src)
     opts.e2e.check()
     ev = opts.eval or EvalOptions()
+    ev.check()
     device = resolve_device(opts.device)
     out = Path(opts.out) if opts.out else src.with_name(src.name + "-e2e")
     if out.resolve() == src.resolve():

@@ -276,6 +276,31 @@ def test_config_file_reproduces_a_run(cli, tiny_model_dir, tmp_path):
     assert code == 2 and "cannot read --config" in err
 
 
+def test_eval_window_options_are_checked_before_any_work(cli, tiny_model_dir, tmp_path, monkeypatch):
+    """eval, quantize and train-e2e refuse --seqlen < 2 and --max-windows < 1 (eval --seqlen 0 raised
+    ZeroDivisionError) with the option's name, before loading a model or writing anything."""
+    import eqat.checkpoint
+    import eqat.run
+
+    model = tiny_model_dir()
+    fail = lambda *a, **k: pytest.fail("a model was loaded before the check")  # noqa: E731
+    with monkeypatch.context() as mp:
+        mp.setattr(eqat.run, "load_any", fail)
+        for args, message in ((["--seqlen", "0"], "--seqlen 0: a window of N tokens predicts N - 1"),
+                              (["--max-windows", "0"], "--max-windows 0: at least one window is needed")):
+            code, _, err = cli("eval", str(model), *args, "-q")
+            assert code == 2 and message in err, err
+    with monkeypatch.context() as mp:
+        mp.setattr(eqat.run, "load_model", fail)
+        _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--max-windows", "0"], "--max-windows 0")
+        _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--seqlen", "1"], "--seqlen 1")
+    src = tmp_path / "rtn"
+    assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(src), "--no-eval", "-q")[0] == 0
+    monkeypatch.setattr(eqat.checkpoint, "load_quantized", fail)
+    code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "e"), "--seqlen", "0", "-q")
+    assert code == 2 and "--seqlen 0" in err and not (tmp_path / "e").exists()
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_path):
     """quantize and export refuse an output folder whose lock a live run holds (here: this process)."""
     from eqat.lock import output_lock
