@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eqat.cliconfig import apply_config, save_config
@@ -282,7 +283,8 @@ def export_cmd(
 @app.command(epilog="Examples:\n\n  eqat validate out/w4 --export out/w4-gptq --export out/w4-onnx\n\n"
              "  eqat validate out/w4 --export out/w4-ct --backends transformers,vllm --vllm-python /opt/vllm/bin/python\n\n"
              "  eqat validate out/w2 --export out/w2-gptq --windows 4 --max-ppl-delta 0.5 --json\n\n"
-             "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed), 2 bad input.")
+             "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed) or no export "
+             "was compared by any runtime, 2 bad input.")
 def validate(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
@@ -327,6 +329,7 @@ def validate(
         console.print(t)
         out.print(f"{'PASS' if report['passed'] else 'FAIL'}; report: {folder}/validate.html, validate.json, validate.md")
     if not report["passed"]:
+        err.print(f"[bold red]failed:[/bold red] {escape(report['reason'])}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -49,7 +49,8 @@ def markdown(report: dict) -> str:
             f"{len(report['prompts'])} prompts. Each backend is compared with eqat's own forward in the backend's dtype. "
             f"Thresholds: |ppl delta| <= {t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, "
             f"mean KL <= {t['max_mean_kl']:.0e} (bfloat16 runtimes: top-1 >= {100 * t['min_top1_agree_bf16']:.0f}%, "
-            f"mean KL <= {t['max_mean_kl_bf16']:.0e}). Verdict: **{'PASS' if report['passed'] else 'FAIL'}**.\n\n"
+            f"mean KL <= {t['max_mean_kl_bf16']:.0e}). Verdict: **{'PASS' if report['passed'] else 'FAIL'}**"
+            f"{': ' + report['reason'].rstrip('.') if report.get('reason') else ''}.\n\n"
             + "\n".join(lines) + "\n")
 
 
