@@ -308,12 +308,14 @@ def validate(
 ) -> None:
     """Load the checkpoint and its exports through the real runtimes and compare them (validate.json/.md/.html)."""
     from eqat.validate import Thresholds, validate as run_validate, write_report
-    from eqat.validate.report import COLUMNS, CONSOLE, table_rows
+    from eqat.validate.report import COLUMNS, CONSOLE, check_report_folder, table_rows
 
+    folder = out_dir or Path(model) / "validate"
+    check_report_folder(folder)  # before the backends, which can take minutes
     report = run_validate(model, export, [b.strip() for b in backends.split(",")] if backends else None, windows=windows,
                           seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
                           thresholds=Thresholds(max_ppl_delta, min_top1, max_kl, min_top1_bf16, max_kl_bf16))
-    folder = write_report(report, out_dir or Path(model) / "validate")
+    write_report(report, folder)
     save_config(ctx, folder)
     if json_out:
         emit_json(report)

@@ -3,6 +3,7 @@ scored against eqat's own forward; skipped backends say why; thresholds decide t
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,46 @@ def test_window_counts_are_checked_before_any_work(cli, checkpoint, tmp_path, mo
     code, _, err = cli("validate", str(checkpoint), "--seqlen", "0", "--out", str(tmp_path / "r"), "-q")
     assert code == 2 and "--seqlen 0" in err and "at least 2 tokens" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_backends_run(cli, checkpoint, tmp_path, monkeypatch):
+    """Tests run as root, where chmod does not stop writes. Covered for real: a report folder under
+    a regular file (creation fails even as root) and a probe folder that cannot be created (here a
+    patched mkdtemp; e.g. a read-only mount). The chmod-read-only checkpoint (default <MODEL>/validate)
+    is covered by what os.access reports there for a non-root user, emulated by a patch when root."""
+    import os
+
+    import eqat.validate
+    from eqat.validate import report as report_mod
+
+    monkeypatch.setattr(eqat.validate, "validate", lambda *a, **k: pytest.fail("the backends ran before the check"))
+    (tmp_path / "afile").write_text("")
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile" / "v"), "-q")
+    assert code == 2 and f"cannot write the report folder {tmp_path / 'afile' / 'v'}" in err and "is a file" in err
+    assert "pass --out DIR" in err
+
+    checkpoint.chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == checkpoint else real(p, mode, **k))
+        code, _, err = cli("validate", str(checkpoint), "-q")
+    finally:
+        checkpoint.chmod(0o755)
+    assert code == 2 and f"cannot write the report folder {checkpoint / 'validate'}" in err and "not writable" in err
+    assert "pass --out DIR" in err and not (checkpoint / "validate").exists()
+
+    def no_room(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report_mod.tempfile, "mkdtemp", no_room)
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "r"), "-q")
+    assert code == 2 and "Permission denied" in err and "pass --out DIR" in err
+
+
+def test_a_writable_report_folder_passes_the_check_and_leaves_nothing(tmp_path):
+    from eqat.validate.report import check_report_folder
+
+    check_report_folder(tmp_path / "new" / "deeper" / "report")  # parents are created only when the report is written
+    check_report_folder(tmp_path)  # an existing folder, replaced later
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
