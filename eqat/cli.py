@@ -301,7 +301,8 @@ def validate(
     min_top1_bf16: float = typer.Option(0.95, help="--min-top1 for bfloat16 runtimes (vLLM on CPU)."),
     max_kl_bf16: float = typer.Option(4e-3, help="--max-kl for bfloat16 runtimes."),
     vllm_python: Optional[str] = typer.Option(None, envvar="EQAT_VLLM_PYTHON",
-                                              help="Python of a virtualenv with vLLM (it runs in a subprocess)."),
+                                              help="Python of a virtualenv with vLLM (it runs in a subprocess); "
+                                              "command line or environment only, never from or into a --config file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder; default <MODEL>/validate (replaced)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),

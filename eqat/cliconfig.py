@@ -13,7 +13,9 @@ import yaml
 
 from eqat.errors import EqatInputError
 
-NOT_SAVED = {"config", "json_out", "quiet", "force"}  # how a run is shown or overwritten, not what it does
+# Programs a run executes: a config file (perhaps someone else's) may not name one, and none is recorded.
+EXECUTABLES = {"vllm_python": "pass --vllm-python on the command line or set EQAT_VLLM_PYTHON"}
+NOT_SAVED = {"config", "json_out", "quiet", "force", *EXECUTABLES}  # how a run is shown or overwritten, or what it executes
 
 
 def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -32,6 +34,10 @@ def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if unknown:
         raise EqatInputError(f"--config {value}: `eqat {ctx.command.name}` has no option {unknown}; "
                              f"its options: {', '.join(sorted(names))}.")
+    for key, fix in EXECUTABLES.items():
+        if data.get(key) is not None:
+            raise EqatInputError(f"--config {value} sets {key}: a config file may not name a program to run; {fix}.")
+        data.pop(key, None)  # `null`, as older recorded configs have it: nothing to run
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
