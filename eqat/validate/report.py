@@ -122,8 +122,9 @@ def check_report_folder(out: Path) -> None:
         raise EqatInputError(f"cannot write the report folder {out}: it is a file; {fix}")
     if not parent.is_dir():
         raise EqatInputError(f"cannot write the report folder {out}: {parent} is a file, not a folder; {fix}")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
-        raise EqatInputError(f"cannot write the report folder {out}: {parent} is not writable (read-only?); {fix}")
+    for folder in (parent, out) if out.is_dir() else (parent,):  # an existing `out` is emptied, then replaced
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise EqatInputError(f"cannot write the report folder {out}: {folder} is not writable (read-only?); {fix}")
     try:
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.probe-"))
     except OSError as e:

@@ -289,6 +289,8 @@ def test_an_unwritable_report_folder_is_refused_before_the_backends_run(cli, che
     code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile" / "v"), "-q")
     assert code == 2 and f"cannot write the report folder {tmp_path / 'afile' / 'v'}" in err and "is a file" in err
     assert "pass --out DIR" in err
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile"), "-q")
+    assert code == 2 and f"cannot write the report folder {tmp_path / 'afile'}: it is a file" in err
 
     checkpoint.chmod(0o555)
     try:
