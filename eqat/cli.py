@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eqat.cliconfig import apply_config, save_config
@@ -303,7 +304,8 @@ def export_cmd(
 @app.command(epilog="Examples:\n\n  eqat validate out/w4 --export out/w4-gptq --export out/w4-onnx\n\n"
              "  eqat validate out/w4 --export out/w4-ct --backends transformers,vllm --vllm-python /opt/vllm/bin/python\n\n"
              "  eqat validate out/w2 --export out/w2-gptq --windows 4 --max-ppl-delta 0.5 --json\n\n"
-             "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed), 2 bad input.")
+             "Exit codes: 0 every backend that ran is within the thresholds, 1 one is not (or failed) or no export "
+             "was compared by any runtime, 2 bad input.")
 def validate(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
@@ -320,19 +322,26 @@ def validate(
     min_top1_bf16: float = typer.Option(0.95, help="--min-top1 for bfloat16 runtimes (vLLM on CPU)."),
     max_kl_bf16: float = typer.Option(4e-3, help="--max-kl for bfloat16 runtimes."),
     vllm_python: Optional[str] = typer.Option(None, envvar="EQAT_VLLM_PYTHON",
-                                              help="Python of a virtualenv with vLLM (it runs in a subprocess)."),
+                                              help="Python of a virtualenv with vLLM (it runs in a subprocess); "
+                                              "command line or environment only, never from or into a --config file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder; default <MODEL>/validate (replaced)."),
+    replace_foreign: bool = REPLACE_FOREIGN,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Load the checkpoint and its exports through the real runtimes and compare them (validate.json/.md/.html)."""
     from eqat.validate import Thresholds, validate as run_validate, write_report
-    from eqat.validate.report import COLUMNS, CONSOLE, table_rows
+    from eqat.validate.report import COLUMNS, CONSOLE, check_report_folder, table_rows
 
+    from eqat.outdir import check_output, resolve_out
+
+    folder = resolve_out(out_dir or Path(model) / "validate")
+    check_output(folder, [model, *export], force=True, replace_foreign=replace_foreign)
+    check_report_folder(folder)  # before the backends, which can take minutes
     report = run_validate(model, export, [b.strip() for b in backends.split(",")] if backends else None, windows=windows,
                           seqlen=seqlen, new_tokens=new_tokens, vllm_python=vllm_python, progress=not quiet,
                           thresholds=Thresholds(max_ppl_delta, min_top1, max_kl, min_top1_bf16, max_kl_bf16))
-    folder = write_report(report, out_dir or Path(model) / "validate")
+    write_report(report, folder)
     save_config(ctx, folder)
     if json_out:
         emit_json(report)
@@ -348,6 +357,7 @@ def validate(
         console.print(t)
         out.print(f"{'PASS' if report['passed'] else 'FAIL'}; report: {folder}/validate.html, validate.json, validate.md")
     if not report["passed"]:
+        err.print(f"[bold red]failed:[/bold red] {escape(report['reason'])}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -13,7 +13,15 @@ import yaml
 
 from eqat.errors import EqatInputError
 
-NOT_SAVED = {"config", "json_out", "quiet", "force", "replace_foreign"}  # how a run is shown or overwritten, not what it does
+# What a config file (perhaps someone else's) may not set, and no run records: programs a run
+# executes, and permission to delete a folder eqat did not write.
+COMMAND_LINE_ONLY = {
+    "vllm_python": "a config file may not name a program to run; pass --vllm-python on the command line or set "
+                   "EQAT_VLLM_PYTHON",
+    "replace_foreign": "a config file may not allow deleting folders eqat did not write; pass --replace-foreign on the "
+                       "command line",
+}
+NOT_SAVED = {"config", "json_out", "quiet", "force", *COMMAND_LINE_ONLY}  # how a run is shown or overwritten, or what it executes
 
 
 def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -33,6 +41,10 @@ def apply_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if unknown:
         raise EqatInputError(f"--config {value}: `eqat {ctx.command.name}` has no option {unknown}; "
                              f"its options: {', '.join(sorted(names))}.")
+    for key, why in COMMAND_LINE_ONLY.items():
+        if data.get(key) not in (None, False):
+            raise EqatInputError(f"--config {value} sets {key}: {why}.")
+        data.pop(key, None)  # `null`/`false`, as older recorded configs have it: nothing to run or delete
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 

@@ -7,6 +7,7 @@ import click
 import typer.main
 
 from eqat.cli import app
+from eqat.cliconfig import COMMAND_LINE_ONLY
 
 HEADER = """# CLI reference
 
@@ -44,7 +45,7 @@ def render() -> str:
         out.append("| option | `--config` key | default | meaning |\n|---|---|---|---|")
         for p in cmd.params:
             help_text = " ".join((getattr(p, "help", None) or "").split()).replace("|", "/")
-            key = "" if p.name == "config" else f"`{p.name}`"
+            key = "" if p.name == "config" or p.name in COMMAND_LINE_ONLY else f"`{p.name}`"
             out.append(f"| {_names(p)} | {key} | {_default(p)} | {help_text} |")
         if cmd.epilog:
             examples = [ln.strip() for ln in cmd.epilog.splitlines() if ln.strip().startswith("eqat ")]

@@ -38,6 +38,17 @@ def window_nll(logits: torch.Tensor, x: torch.Tensor) -> tuple[float, int]:
     return nll.item(), x[:, 1:].numel()
 
 
+def check_windows(seqlen: int, windows: int | None, flag: str = "--max-windows") -> None:
+    """Refuse a window length or count that cannot measure anything, before any work: a window of
+    `seqlen` tokens predicts `seqlen - 1` of them, and at least one window is needed."""
+    if seqlen < 2:
+        raise EqatInputError(f"--seqlen {seqlen}: a window of N tokens predicts N - 1 of them, so it needs at least "
+                             "2 tokens; pass a larger --seqlen, e.g. --seqlen 512.")
+    if windows is not None and windows < 1:
+        raise EqatInputError(f"{flag} {windows}: at least one window is needed to measure anything; pass {flag} 1 "
+                             "or more" + (" (or leave it out for every window)." if flag == "--max-windows" else "."))
+
+
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -49,6 +60,7 @@ def perplexity(
     desc: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of `model` on the 1-D LongTensor `ids`."""
+    check_windows(seqlen, max_windows)
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

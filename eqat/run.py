@@ -45,6 +45,12 @@ class EvalOptions:
     seqlen: int = 2048
     max_windows: int | None = None
 
+    def check(self) -> None:
+        """Refuse --seqlen < 2 and --max-windows < 1 before any work (EqatInputError)."""
+        from eqat.evaluate import check_windows
+
+        check_windows(self.seqlen, self.max_windows)
+
 
 @dataclass
 class CalibOptions:
@@ -157,6 +163,7 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
 def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[str, Any]:
     if opts.method not in METHODS:
         raise EqatInputError(f"unknown method '{opts.method}'; available: {', '.join(METHODS)}.")
+    opts.eval.check()
     storage = parse_dtype(opts.dtype)
     if storage == torch.float32:
         raise EqatInputError("scales are stored as float16 or bfloat16 (what runtimes read); use --dtype float16 or bfloat16.")
@@ -292,6 +299,7 @@ def _run_block_ap(model, opts, out: Path, model_path: Path, device: str, calib, 
 
 def eval_run(model: str | None, opts: EvalOptions, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Perplexity of an eqat checkpoint or a Hugging Face folder."""
+    opts.check()
     path = resolve_model(model)
     m, tok, meta = load_any(path, device=resolve_device(device))
     ids = eval_token_ids(tok, opts.data)

@@ -73,6 +73,7 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
     meta = read_eqat_config(src)
     opts.e2e.check()
     ev = opts.eval or EvalOptions()
+    ev.check()
     device = resolve_device(opts.device)
     out = resolve_out(opts.out or src.with_name(src.name + "-e2e"))
     check_output(out, [src], opts.force, opts.replace_foreign)

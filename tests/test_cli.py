@@ -276,6 +276,58 @@ def test_config_file_reproduces_a_run(cli, tiny_model_dir, tmp_path):
     assert code == 2 and "cannot read --config" in err
 
 
+def test_eval_window_options_are_checked_before_any_work(cli, tiny_model_dir, tmp_path, monkeypatch):
+    """eval, quantize and train-e2e refuse --seqlen < 2 and --max-windows < 1 (eval --seqlen 0 raised
+    ZeroDivisionError) with the option's name, before loading a model or writing anything."""
+    import eqat.checkpoint
+    import eqat.run
+
+    model = tiny_model_dir()
+    fail = lambda *a, **k: pytest.fail("a model was loaded before the check")  # noqa: E731
+    with monkeypatch.context() as mp:
+        mp.setattr(eqat.run, "load_any", fail)
+        for args, message in ((["--seqlen", "0"], "--seqlen 0: a window of N tokens predicts N - 1"),
+                              (["--max-windows", "0"], "--max-windows 0: at least one window is needed")):
+            code, _, err = cli("eval", str(model), *args, "-q")
+            assert code == 2 and message in err, err
+    with monkeypatch.context() as mp:
+        mp.setattr(eqat.run, "load_model", fail)
+        _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--max-windows", "0"], "--max-windows 0")
+        _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--seqlen", "1"], "--seqlen 1")
+    src = tmp_path / "rtn"
+    assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(src), "--no-eval", "-q")[0] == 0
+    monkeypatch.setattr(eqat.checkpoint, "load_quantized", fail)
+    code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "e"), "--seqlen", "0", "-q")
+    assert code == 2 and "--seqlen 0" in err and not (tmp_path / "e").exists()
+
+
+def test_config_files_never_name_a_program_to_run(cli, tmp_path):
+    """A --config file that sets vllm_python is refused before anything runs (the program it names is
+    never started); `vllm_python: null` (older recorded configs) is accepted; recorded configs leave
+    executables out."""
+    import click
+
+    from eqat.cliconfig import save_config
+
+    marker = tmp_path / "ran"
+    program = tmp_path / "python"
+    program.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    program.chmod(0o755)
+    cfg = tmp_path / "theirs.yaml"
+    cfg.write_text(f"vllm-python: {program}\nwindows: 1\n")
+    code, _, err = cli("validate", str(tmp_path / "ck"), "--config", str(cfg), "-q")
+    assert code == 2 and "sets vllm_python" in err
+    assert "pass --vllm-python on the command line or set EQAT_VLLM_PYTHON" in err and not marker.exists()
+    cfg.write_text("vllm_python: null\nwindows: 0\n")  # accepted: then --windows 0 is what gets refused
+    code, _, err = cli("validate", str(tmp_path / "ck"), "--config", str(cfg), "-q")
+    assert code == 2 and "--windows 0" in err and "vllm_python" not in err
+
+    ctx = click.Context(click.Command("validate"))
+    ctx.params = {"model": "ck", "windows": 2, "vllm_python": str(program), "quiet": True}
+    saved = save_config(ctx, tmp_path).read_text()
+    assert "windows: 2" in saved and "vllm_python" not in saved and str(program) not in saved
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_path):
     """quantize and export refuse an output folder whose lock a live run holds (here: this process)."""
     from eqat.lock import output_lock

@@ -42,3 +42,11 @@ def test_uniform_model_has_perplexity_vocab():
 def test_too_short_text():
     with pytest.raises(EqatInputError, match="less than one window"):
         perplexity(Uniform(5), torch.arange(10), seqlen=64, progress=False)
+
+
+@pytest.mark.parametrize("seqlen, max_windows, message", [(0, None, "--seqlen 0"), (1, 4, "--seqlen 1"),
+                                                          (8, 0, "--max-windows 0"), (8, -1, "--max-windows -1")])
+def test_window_options_that_measure_nothing_are_bad_input(seqlen, max_windows, message):
+    """They raised ZeroDivisionError (seqlen 0 or 1) or blamed the text's length (max_windows 0)."""
+    with pytest.raises(EqatInputError, match=message):
+        perplexity(Uniform(5), torch.arange(100) % 5, seqlen=seqlen, max_windows=max_windows, progress=False)

@@ -411,3 +411,26 @@ def test_messages_name_the_right_options(cli, tiny_model_dir, calib, tmp_path):
     assert code == 2 and "--calib-seqlen" in err
     code, _, err = cli("export", str(model), "--format", "gptq", "--out", str(tmp_path / "g"), "-q")
     assert code == 2 and "not an eqat checkpoint" in err and "eqat quantize" in err and "damaged" not in err
+
+
+def test_validate_never_replaces_a_foreign_folder_or_the_current_one(cli, tiny_model_dir, tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    assert cli("quantize", "--model", str(tiny_model_dir()), "--method", "rtn", "--out", str(ck), "--no-eval", "-q")[0] == 0
+    foreign = tmp_path / "docs"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    code, _, err = cli("validate", str(ck), "--out", str(foreign), "-q")
+    assert code == 2 and "eqat did not write" in err and (foreign / "thesis.tex").exists()
+    monkeypatch.chdir(foreign)
+    code, _, err = cli("validate", str(ck), "--out", ".", "--replace-foreign", "-q")
+    assert code == 2 and "never replaces" in err and (foreign / "thesis.tex").exists()
+
+
+def test_a_config_file_cannot_allow_deleting_foreign_folders(cli, tiny_model_dir, tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_text("precious")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir()}\nmethod: rtn\nout_dir: {foreign}\nforce: true\nreplace_foreign: true\nevaluate: false\n")
+    code, _, err = cli("quantize", "--config", str(cfg), "-q")
+    assert code == 2 and "--replace-foreign on the command line" in err and (foreign / "cat.jpg").exists()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from eqat.checkpoint import atomic_dir
+from eqat.errors import EqatInputError
 from eqat.lock import output_lock
 from eqat.report import environment
 
@@ -49,7 +52,8 @@ def markdown(report: dict) -> str:
             f"{len(report['prompts'])} prompts. Each backend is compared with eqat's own forward in the backend's dtype. "
             f"Thresholds: |ppl delta| <= {t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, "
             f"mean KL <= {t['max_mean_kl']:.0e} (bfloat16 runtimes: top-1 >= {100 * t['min_top1_agree_bf16']:.0f}%, "
-            f"mean KL <= {t['max_mean_kl_bf16']:.0e}). Verdict: **{'PASS' if report['passed'] else 'FAIL'}**.\n\n"
+            f"mean KL <= {t['max_mean_kl_bf16']:.0e}). Verdict: **{'PASS' if report['passed'] else 'FAIL'}**"
+            f"{': ' + report['reason'].rstrip('.') if report.get('reason') else ''}.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -103,6 +107,28 @@ def html_page(report: dict, png: Path | None) -> str:
             "{color:#b00;font-weight:bold}.skipped{color:#777}</style>"
             f"<h1>eqat validate: {verdict}</h1><p>{html.escape(markdown(report).split(chr(10))[0])}</p>"
             f"<table><tr>{head}</tr>{body}</table>{img}")
+
+
+def check_report_folder(out: Path) -> None:
+    """Refuse, before any backend runs, a report folder that cannot be written: the report goes
+    into a temporary sibling of `out`, renamed into place, so the nearest existing folder above
+    `out` must take a new entry (os.access, then a real probe folder, created and removed)."""
+    out = Path(out).absolute()
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    fix = "pass --out DIR to write the report somewhere writable."
+    if out.exists() and not out.is_dir():
+        raise EqatInputError(f"cannot write the report folder {out}: it is a file; {fix}")
+    if not parent.is_dir():
+        raise EqatInputError(f"cannot write the report folder {out}: {parent} is a file, not a folder; {fix}")
+    for folder in (parent, out) if out.is_dir() else (parent,):  # an existing `out` is emptied, then replaced
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise EqatInputError(f"cannot write the report folder {out}: {folder} is not writable (read-only?); {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.probe-"))
+    except OSError as e:
+        raise EqatInputError(f"cannot write the report folder {out}: {e.strerror or e} in {parent}; {fix}") from e
 
 
 def write_report(report: dict, out: Path, force: bool = True) -> Path:

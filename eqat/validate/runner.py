@@ -1,7 +1,9 @@
 """`validate(model_dir, exports, backends, ...)`: the eqat checkpoint is the reference; every
 (folder, backend) pair that can run here is loaded and scored on the same token windows and
 prompts against eqat's own forward in the same dtype; the rest are reported as skipped, with
-the reason. Returns the report (rows + verdict); eqat/validate/report.py writes it out.
+the reason. The run passes only when at least one export folder was compared by a runtime
+(pass, fail or error rows; the checkpoint on eqat's own kernels is no export) and none failed.
+Returns the report (rows, `compared`, verdict and its `reason`); eqat/validate/report.py writes it out.
 """
 
 from __future__ import annotations
@@ -136,12 +138,12 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
             **greedy_agreement(res["greedy"], base["greedy"])}
 
 
-def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: list[str] | None = None,
-             windows: int = 2, seqlen: int = 512, new_tokens: int = 16, thresholds: Thresholds = Thresholds(),
-             vllm_python: str | None = None, vllm_timeout: int = 900, progress: bool = True) -> dict[str, Any]:
-    """Score every export (and the checkpoint itself on other kernels) against the checkpoint."""
-    from eqat.checkpoint import load_quantized
-    from eqat.data import eval_token_ids
+COMPARED = ("pass", "fail", "error")  # statuses of a runtime that ran; `reference` and `skipped` compare nothing
+Folder = tuple[Path, str, dict]  # (path, kind, quantization_config)
+
+
+def _folders(model_dir: str | Path, exports: list[str | Path], backends: list[str] | None) -> list[Folder]:
+    """The checkpoint then each export, with its kind; bad input refused (EqatInputError)."""
     from eqat.model import check_model_dir
 
     model_dir = check_model_dir(model_dir)
@@ -154,44 +156,110 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
     folders = [(model_dir, "eqat", folder_kind(model_dir)[1])]
     for e in exports:
         path = check_model_dir(e)
-        kind, qc = folder_kind(path)
-        folders.append((path, kind, qc))
+        if path.resolve() == model_dir.resolve():
+            raise EqatInputError(f"--export {e} is the checkpoint itself, the reference: comparing it with itself checks "
+                                 f"no export. Export it first (eqat export {model_dir} --format gptq --out DIR), then "
+                                 "pass --export DIR.")
+        folders.append((path, *folder_kind(path)))
+    return folders
+
+
+def _why_not(backend_name: str, kind: str, qc: dict, vllm_python: str | None) -> str | None:
+    if backend_name == "vllm":
+        return vllm_why_not(kind, qc, vllm_python)
+    return BACKENDS[backend_name].why_not(kind, qc)
+
+
+def _run_one(folder: Folder, backend_name: str, ref: Reference, thresholds: Thresholds, vllm_python: str | None,
+             vllm_timeout: int) -> dict[str, Any]:
+    """One (folder, backend) row: skipped (with the reason), error (with the message), pass or fail."""
+    path, kind, qc = folder
+    row: dict[str, Any] = {"folder": str(path), "name": path.name, "kind": kind, "backend": backend_name}
+    reason = _why_not(backend_name, kind, qc, vllm_python)
+    if reason:
+        return {**row, "status": "skipped", "reason": reason}
+    backend, t = BACKENDS[backend_name], time.perf_counter()
+    try:
+        if backend.load is None:
+            row.update(run_vllm(path, ref, vllm_python, vllm_timeout))
+        else:
+            loaded = backend.load(path, kind, qc)
+            row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."),
+                       kernel=loaded.kernel)
+            del loaded
+    except Exception as exc:  # a runtime that fails is a failed check, with its message
+        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    failures = thresholds.failures(row)
+    return {**row, "status": "fail" if failures else "pass", "failures": failures}
+
+
+def _nothing_compared(exports: list[Folder], rows: list[dict], backends: list[str] | None,
+                      vllm_python: str | None) -> str:
+    """Why no export was compared, and what to pass instead."""
+    if not exports:
+        return ("nothing was compared: no --export folder was given, and the checkpoint on eqat's own kernels checks "
+                "no export; pass --export DIR for each folder `eqat export` wrote.")
+    parts = []
+    for path, kind, qc in exports:
+        readers = [b.name for b in BACKENDS.values() if kind in b.kinds]
+        runnable = [b for b in readers if _why_not(b, kind, qc, vllm_python) is None]
+        skipped = [f"{r['backend']} skipped ({r['reason']})" for r in rows if r["folder"] == str(path)]
+        tried = "; ".join(skipped) or f"no backend in --backends {','.join(backends or ())} reads {kind}"
+        fix = (f"pass --backends {','.join(runnable)} (or leave --backends out)" if runnable else
+               "none of them can run it here: the skip reasons say what to install or which device it needs")
+        parts.append(f"{path.name} ({kind}): {tried}. Backends that read {kind}: {', '.join(readers)}; {fix}.")
+    return "nothing was compared: no export folder was loaded by any runtime. " + " ".join(parts)
+
+
+def _verdict(rows: list[dict], model_dir: Path, exports: list[Folder], backends: list[str] | None,
+             vllm_python: str | None) -> tuple[bool, int, str]:
+    """(passed, export comparisons made, the reason): a run passes only when at least one export
+    was compared by a runtime and no row failed or raised."""
+    compared = sum(r["status"] in COMPARED and r["folder"] != str(model_dir) for r in rows)
+    bad = [r for r in rows if r["status"] in ("fail", "error")]
+    if bad:
+        why = "; ".join(f"{r['name']} on {r['backend']}: {r.get('reason') or ', '.join(r['failures'])}" for r in bad)
+        return False, compared, f"{len(bad)} of {sum(r['status'] in COMPARED for r in rows)} comparisons failed: {why}"
+    if not compared:
+        return False, 0, _nothing_compared(exports, rows, backends, vllm_python)
+    return True, compared, f"{compared} export comparison(s), all within the thresholds"
+
+
+def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: list[str] | None = None,
+             windows: int = 2, seqlen: int = 512, new_tokens: int = 16, thresholds: Thresholds = Thresholds(),
+             vllm_python: str | None = None, vllm_timeout: int = 900, progress: bool = True) -> dict[str, Any]:
+    """Score every export (and the checkpoint itself on other kernels) against the checkpoint.
+    It passes when at least one export was compared by a runtime and nothing failed."""
+    from eqat.checkpoint import load_quantized
+    from eqat.data import eval_token_ids
+    from eqat.evaluate import check_windows
+
+    check_windows(seqlen, windows, "--windows")
+    if new_tokens < 1:
+        raise EqatInputError(f"--new-tokens {new_tokens}: greedy agreement needs at least 1 generated token; "
+                             "pass --new-tokens 1 or more.")
+    folders = _folders(model_dir, exports, backends)
+    model_dir = folders[0][0]
     _, tok, meta = load_quantized(model_dir)
     ids = eval_token_ids(tok, "wikitext2")
     if ids.numel() < windows * seqlen:
-        raise EqatInputError(f"the evaluation text has {ids.numel()} tokens, fewer than {windows} x {seqlen}; lower --windows or --seqlen.")
+        raise EqatInputError(f"the evaluation text has {ids.numel()} tokens, fewer than {windows} x {seqlen}; "
+                             "lower --windows or --seqlen.")
     ref = Reference(model_dir, [ids[None, i * seqlen:(i + 1) * seqlen] for i in range(windows)],
                     [tok(p, return_tensors="pt").input_ids for p in PROMPTS], new_tokens)
 
-    plan = [(folder, kind, qc, b) for folder, kind, qc in folders for b in BACKENDS.values()
-            if kind in b.kinds and (backends is None or b.name in backends)]
+    plan = [(folder, b.name) for folder in folders for b in BACKENDS.values()
+            if folder[1] in b.kinds and (backends is None or b.name in backends)]
     rows = []
-    for folder, kind, qc, backend in tqdm(plan, desc="validate", unit="backend", disable=not progress):
-        row = {"folder": str(folder), "name": folder.name, "kind": kind, "backend": backend.name}
-        if folder == model_dir and backend.name == "eqat-torch":
+    for folder, name in tqdm(plan, desc="validate", unit="backend", disable=not progress):
+        if folder[0] == model_dir and name == "eqat-torch":
             base = ref.get(torch.float32)
-            rows.append({**row, "status": "reference", "dtype": "float32", "ppl": base["ppl"], "ppl_delta_pct": 0.0,
+            rows.append({"folder": str(model_dir), "name": model_dir.name, "kind": "eqat", "backend": name,
+                         "status": "reference", "dtype": "float32", "ppl": base["ppl"], "ppl_delta_pct": 0.0,
                          "tokens_per_s": sum(w.numel() for w in ref.windows) / base["seconds"]})
-            continue
-        reason = vllm_why_not(kind, qc, vllm_python) if backend.name == "vllm" else backend.why_not(kind, qc)
-        if reason:
-            rows.append({**row, "status": "skipped", "reason": reason})
-            continue
-        t = time.perf_counter()
-        try:
-            if backend.load is None:
-                row.update(run_vllm(folder, ref, vllm_python, vllm_timeout))
-            else:
-                loaded = backend.load(folder, kind, qc)
-                row.update(_score(loaded, ref, time.perf_counter() - t), dtype=str(loaded.dtype).removeprefix("torch."),
-                           kernel=loaded.kernel)
-                del loaded
-        except Exception as exc:  # a runtime that fails is a failed check, with its message
-            rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:400]}"})
-            continue
-        failures = thresholds.failures(row)
-        rows.append({**row, "status": "fail" if failures else "pass", "failures": failures})
-    ok = all(r["status"] in ("pass", "reference", "skipped") for r in rows)
+        else:
+            rows.append(_run_one(folder, name, ref, thresholds, vllm_python, vllm_timeout))
+    ok, compared, reason = _verdict(rows, model_dir, folders[1:], backends, vllm_python)
     return {"model": str(model_dir), "scheme": meta["scheme"], "windows": windows, "seqlen": seqlen,
             "new_tokens": new_tokens, "prompts": list(PROMPTS), "thresholds": vars(thresholds), "rows": rows,
-            "passed": ok}
+            "compared": compared, "passed": ok, "reason": reason}

@@ -3,6 +3,7 @@ scored against eqat's own forward; skipped backends say why; thresholds decide t
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_every_installed_runtime_agrees_with_eqat(checkpoint, tmp_path):
     if not torch.cuda.is_available():
         assert "CUDA" in skipped[("ck", "eqat-triton")] and "CUDA" in skipped[("gptq", "bitblas")]
     assert "vLLM reads GPTQ only 4/8-bit symmetric v1" in skipped[("gptq", "vllm")]
-    assert report["passed"]
+    assert report["passed"] and report["compared"] == 4 and report["reason"].startswith("4 export comparison(s)")
 
     folder = write_report(report, tmp_path / "report")
     saved = json.loads((folder / "validate.json").read_text())
@@ -85,9 +86,11 @@ def test_cli_exit_codes(cli, checkpoint, tmp_path):
     args = ["validate", str(checkpoint), "--export", str(tmp_path / "onnx"), "--windows", "1", "--seqlen", "32",
             "--new-tokens", "2", "-q"]
     assert cli(*args, "--out", str(tmp_path / "r1"))[0] == 0
+    assert json.loads((tmp_path / "r1" / "validate.json").read_text())["compared"] == 1
     code, out, _ = cli(*args, "--out", str(tmp_path / "r2"), "--max-kl", "0", "--json")
     rows = {r["backend"]: r for r in json.loads(out)["rows"]}
     assert code == 1 and rows["onnxruntime"]["status"] == "fail" and "mean KL" in rows["onnxruntime"]["failures"][0]
+    assert "1 of 1 comparisons failed: onnx on onnxruntime: mean KL" in json.loads(out)["reason"]
     assert (tmp_path / "r2" / "validate.json").exists()
     code, _, err = cli("validate", str(tmp_path / "onnx"), "-q")
     assert code == 2 and "is not an eqat checkpoint" in err
@@ -209,3 +212,108 @@ def test_plot_has_vllm_rows_without_kl(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 10_000
     reference_only = [{"name": "ck", "backend": "eqat-torch", "status": "reference"}]
     assert not plot({"rows": reference_only, "thresholds": t}, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
+
+
+def test_a_run_that_compares_no_export_fails(cli, checkpoint, tmp_path):
+    """Every export row skipped (vLLM cannot read asymmetric GPTQ v2), no selected backend that
+    reads the export, or no --export at all: exit 1 with "nothing was compared" and what to pass;
+    validate.json records compared = 0 and the reason."""
+    export_checkpoint(checkpoint, "gptq", tmp_path / "gptq")  # asymmetric: gptq_v2, which vLLM does not read
+    small = ["--windows", "1", "--seqlen", "32", "--new-tokens", "2", "-q"]
+    code, _, err = cli("validate", str(checkpoint), "--export", str(tmp_path / "gptq"), "--backends", "vllm",
+                       "--out", str(tmp_path / "r1"), *small)
+    assert code == 1 and "nothing was compared" in err
+    assert "vllm skipped (vLLM reads GPTQ only 4/8-bit symmetric v1" in err
+    assert "Backends that read gptq: gptqmodel, bitblas, transformers, vllm" in err
+    saved = json.loads((tmp_path / "r1" / "validate.json").read_text())
+    assert saved["compared"] == 0 and not saved["passed"] and saved["reason"].startswith("nothing was compared")
+    assert [r["status"] for r in saved["rows"] if r["name"] == "gptq"] == ["skipped"]
+    assert "Verdict: **FAIL**: nothing was compared" in (tmp_path / "r1" / "validate.md").read_text()
+
+    code, _, err = cli("validate", str(checkpoint), "--export", str(tmp_path / "gptq"), "--backends", "onnxruntime",
+                       "--out", str(tmp_path / "r2"), *small)
+    assert code == 1 and "nothing was compared" in err and "no backend in --backends onnxruntime reads gptq" in err
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "r3"), *small)
+    assert code == 1 and "nothing was compared" in err and "pass --export DIR" in err
+    assert json.loads((tmp_path / "r3" / "validate.json").read_text())["compared"] == 0
+
+
+def test_the_checkpoint_on_another_eqat_kernel_is_no_export(checkpoint, monkeypatch):
+    """The checkpoint on a second eqat kernel (eqat-triton, here stood in for by the torch kernel
+    on CPU) is a real comparison that passes, yet checks no export: the run fails."""
+    from eqat.validate.backends import BACKENDS, _load_eqat
+
+    monkeypatch.setattr(BACKENDS["eqat-triton"], "why_not", lambda kind, qc: None)
+    monkeypatch.setattr(BACKENDS["eqat-triton"], "load", _load_eqat("torch", "cpu", torch.float32))
+    report = validate(checkpoint, [], backends=["eqat-torch", "eqat-triton"], **SMALL)
+    assert [r["status"] for r in report["rows"]] == ["reference", "pass"]
+    assert report["compared"] == 0 and not report["passed"] and "no --export folder was given" in report["reason"]
+
+
+def test_the_checkpoint_itself_as_export_is_bad_input(cli, checkpoint, tmp_path):
+    (tmp_path / "link").symlink_to(checkpoint)
+    for export in (checkpoint, tmp_path / "link"):
+        code, _, err = cli("validate", str(checkpoint), "--export", str(export), "--out", str(tmp_path / "r"), "-q")
+        assert code == 2 and "is the checkpoint itself" in err and "eqat export" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_window_counts_are_checked_before_any_work(cli, checkpoint, tmp_path, monkeypatch):
+    """--windows / --seqlen / --new-tokens that measure nothing (they raised ZeroDivisionError) are
+    bad input, refused before the checkpoint is loaded."""
+    import eqat.checkpoint
+
+    monkeypatch.setattr(eqat.checkpoint, "load_quantized", lambda *a, **k: pytest.fail("loaded before the check"))
+    for kw, flag in ((dict(windows=0), "--windows 0"), (dict(seqlen=1), "--seqlen 1"), (dict(new_tokens=0), "--new-tokens 0")):
+        with pytest.raises(EqatInputError, match=flag):
+            validate(checkpoint, [], **{**SMALL, **kw})
+    code, _, err = cli("validate", str(checkpoint), "--windows", "0", "--out", str(tmp_path / "r"), "-q")
+    assert code == 2 and "--windows 0: at least one window is needed" in err and "--windows 1 or more" in err
+    code, _, err = cli("validate", str(checkpoint), "--seqlen", "0", "--out", str(tmp_path / "r"), "-q")
+    assert code == 2 and "--seqlen 0" in err and "at least 2 tokens" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_backends_run(cli, checkpoint, tmp_path, monkeypatch):
+    """Tests run as root, where chmod does not stop writes. Covered for real: a report folder under
+    a regular file (creation fails even as root) and a probe folder that cannot be created (here a
+    patched mkdtemp; e.g. a read-only mount). The chmod-read-only checkpoint (default <MODEL>/validate)
+    is covered by what os.access reports there for a non-root user, emulated by a patch when root."""
+    import os
+
+    import eqat.validate
+    from eqat.validate import report as report_mod
+
+    monkeypatch.setattr(eqat.validate, "validate", lambda *a, **k: pytest.fail("the backends ran before the check"))
+    (tmp_path / "afile").write_text("")
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile" / "v"), "-q")
+    assert code == 2 and f"cannot write the report folder {tmp_path / 'afile' / 'v'}" in err and "is a file" in err
+    assert "pass --out DIR" in err
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile"), "-q")
+    assert code == 2 and f"--out {tmp_path / 'afile'} is a file, not a folder" in err  # eqat.outdir.check_output
+
+    checkpoint.chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == checkpoint else real(p, mode, **k))
+        code, _, err = cli("validate", str(checkpoint), "-q")
+    finally:
+        checkpoint.chmod(0o755)
+    assert code == 2 and f"cannot write the report folder {checkpoint / 'validate'}" in err and "not writable" in err
+    assert "pass --out DIR" in err and not (checkpoint / "validate").exists()
+
+    def no_room(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report_mod.tempfile, "mkdtemp", no_room)
+    code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "r"), "-q")
+    assert code == 2 and "Permission denied" in err and "pass --out DIR" in err
+
+
+def test_a_writable_report_folder_passes_the_check_and_leaves_nothing(tmp_path):
+    from eqat.validate.report import check_report_folder
+
+    check_report_folder(tmp_path / "new" / "deeper" / "report")  # parents are created only when the report is written
+    check_report_folder(tmp_path)  # an existing folder, replaced later
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
