@@ -124,6 +124,9 @@ def quantize(
     e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
     e2e_save_every: int = E2E_SAVE,
     force: bool = typer.Option(False, help="Discard an existing output folder (finished or not) and start over."),
+    allow_unquantized: bool = typer.Option(False, "--allow-unquantized", help="Go on when more than 10% of the decoder "
+                                           "blocks' weight matrices would stay in full precision (e.g. fused MoE experts, "
+                                           "which are not nn.Linear); report.json records the share."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -141,7 +144,7 @@ def quantize(
         e2e=_e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
                         e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
                         prompt_format, e2e_save_every),
-        progress=not quiet,
+        progress=not quiet, allow_unquantized=allow_unquantized,
     )
     report = quantize_run(opts)
     save_config(ctx, report["output"])
@@ -169,6 +172,10 @@ def quantize(
         out.print(f"peak memory {ba['peak_memory_bytes'] / 2**30:.2f} GiB, {ba['seconds_per_block']:.1f} s per block")
     if report.get("e2e_qp"):
         _print_e2e(report["e2e_qp"])
+    if report["coverage"]["unquantized"]:
+        from eqat.coverage import summary
+
+        out.print(summary(report["coverage"]), highlight=False)
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
               f"report: {report['output']}/report.json")
 

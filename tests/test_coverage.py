@@ -22,6 +22,14 @@ def tiny_mixtral(vocab: int = 320) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
+@pytest.fixture
+def mixtral_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "mixtral-tiny"
+    tiny_mixtral(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 def test_coverage_counts_block_matrices_only():
     from eqat.arch import quantizable_linears
     from eqat.coverage import coverage
@@ -43,3 +51,42 @@ def test_coverage_counts_block_matrices_only():
     llama = tiny_model("llama")
     cov = coverage(llama, quantizable_linears(llama))
     assert cov["share"] == 1.0 and cov["unquantized"] == [] and cov["quantized_modules"] == 14
+
+
+def test_quantize_refuses_unquantized_experts_before_any_work(cli, mixtral_dir, tmp_path, monkeypatch):
+    from eqat.train.blockap import BlockAPTrainer
+
+    def never(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(BlockAPTrainer, "run", never)
+    out = tmp_path / "q"
+    for method in ("rtn", "block-ap"):
+        code, _, err = cli("quantize", "--method", method, "--model", str(mixtral_dir), "--bits", "2", "--group-size", "32",
+                           "--no-eval", "--out", str(out), "-q")
+        assert code == 2, err
+        assert EXPERTS in err and "model.layers.*.mlp.experts.down_proj" in err and "--allow-unquantized" in err
+        assert "2 tensors" in err and "full precision" in err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_allowed_unquantized_run_records_the_share(cli, mixtral_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", "--method", "rtn", "--model", str(mixtral_dir), "--bits", "2", "--group-size", "32",
+                            "--no-eval", "--out", str(out), "--allow-unquantized")
+    assert code == 0, err
+    assert "of the decoder blocks' weight-matrix parameters" in " ".join(stdout.split()) and EXPERTS in stdout
+    cov = json.loads((out / "report.json").read_text())["coverage"]
+    assert cov["share"] < 0.9 and cov["quantized_modules"] == 8
+    assert cov["unquantized"][0]["tensors"] == EXPERTS and cov["unquantized"][0]["count"] == 2
+
+
+def test_llama_is_fully_covered(cli, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", "--method", "rtn", "--model", str(model), "--no-eval", "--out", str(out))
+    assert code == 0, err
+    assert "left in full precision" not in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["coverage"]["share"] == 1.0 and report["coverage"]["unquantized"] == []
+    assert len(report["layer_relative_error"]) == 14
