@@ -343,6 +343,7 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
     """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, and which
     export formats can hold it."""
     from eqat.checkpoint import is_eqat_checkpoint, read_eqat_config
+    from eqat.coverage import folder_coverage, summary
     from eqat.model import check_model_dir
     from eqat.run import resolve_model
 
@@ -354,6 +355,10 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
                   "heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads"),
                   "valid_group_sizes": {k: [g for g in (16, 32, 64, 128, 256) if k % g == 0] + [-1] for k in sizes},
                   "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+    try:
+        desc["coverage"] = folder_coverage(path)
+    except (EqatInputError, ValueError, KeyError) as e:  # a config transformers cannot build: describe the rest
+        desc["coverage"] = {"error": str(e)}
     if is_eqat_checkpoint(path):
         from eqat.exporters.base import checkpoint_formats
 
@@ -375,6 +380,7 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
                   f"{e['quantized_modules']} quantized modules, method {e['method']}")
         for fmt, why in desc["export_formats"].items():
             out.print(f"  export {fmt}: {'yes' if why is None else 'no, ' + why}", highlight=False)
+    out.print(f"  {summary(desc['coverage'], would='eqat' not in desc)}", highlight=False)
     out.print(f"  on disk {desc['bytes_on_disk'] / 1e6:.1f} MB")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.test_cli import E2E_ARGS, text_file  # noqa: F401 (a fixture)
 
 EXPERTS = "model.layers.*.mlp.experts.gate_up_proj"
 
@@ -79,10 +80,19 @@ def test_allowed_unquantized_run_records_the_share(cli, mixtral_dir, tmp_path):
     cov = json.loads((out / "report.json").read_text())["coverage"]
     assert cov["share"] < 0.9 and cov["quantized_modules"] == 8
     assert cov["unquantized"][0]["tensors"] == EXPERTS and cov["unquantized"][0]["count"] == 2
+    code, stdout, err = cli("info", str(out))
+    assert code == 0, err
+    assert f"quantized {cov['share']:.1%}" in stdout and "8 quantized modules" in stdout
+    code, stdout, _ = cli("info", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["coverage"] == cov  # from the config alone, same numbers
+    code, stdout, _ = cli("info", str(mixtral_dir))
+    assert code == 0 and f"eqat would quantize {cov['share']:.1%}" in stdout
 
 
-def test_llama_is_fully_covered(cli, tiny_model_dir, tmp_path):
+def test_llama_is_fully_covered(cli, tiny_model_dir, tmp_path, text_file):
     model = tiny_model_dir("llama")
+    code, stdout, _ = cli("info", str(model))
+    assert code == 0 and "eqat would quantize 100.0%" in stdout
     out = tmp_path / "q"
     code, stdout, err = cli("quantize", "--method", "rtn", "--model", str(model), "--no-eval", "--out", str(out))
     assert code == 0, err
@@ -90,3 +100,9 @@ def test_llama_is_fully_covered(cli, tiny_model_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["coverage"]["share"] == 1.0 and report["coverage"]["unquantized"] == []
     assert len(report["layer_relative_error"]) == 14
+    code, stdout, _ = cli("info", str(out))
+    assert code == 0 and "quantized 100.0%" in stdout
+    code, _, err = cli("train-e2e", str(out), "--out", str(tmp_path / "e2e"), "--e2e-data", str(text_file), *E2E_ARGS,
+                       "--no-eval", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e2e" / "report.json").read_text())["coverage"] == report["coverage"]
