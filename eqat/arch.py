@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 from torch import nn
 
 from eqat.errors import EqatInputError
@@ -86,3 +88,14 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {
         f"{prefix}.{i}.{name}": lin for i, block in enumerate(decoder_blocks(model)) for name, lin in block_linears(block).items()
     }
+
+
+def model_skeleton(config: Any) -> nn.Module:
+    """The causal LM of `config` with empty (meta) tensors: its structure and shapes, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings untied
+    return model

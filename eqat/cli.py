@@ -137,6 +137,9 @@ def quantize(
     e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
     e2e_save_every: int = E2E_SAVE,
     force: bool = FORCE, replace_foreign: bool = REPLACE_FOREIGN,
+    allow_unquantized: bool = typer.Option(False, "--allow-unquantized", help="Go on when more than 10% of the decoder "
+                                           "blocks' weight matrices would stay in full precision (e.g. fused MoE experts, "
+                                           "which are not nn.Linear); report.json records the share."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -155,7 +158,7 @@ def quantize(
         e2e=_e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
                         e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
                         prompt_format, e2e_save_every),
-        progress=not quiet,
+        progress=not quiet, allow_unquantized=allow_unquantized,
     )
     report = quantize_run(opts)
     save_config(ctx, report["output"])
@@ -184,6 +187,10 @@ def quantize(
         out.print(f"peak memory {ba['peak_memory_bytes'] / 2**30:.2f} GiB, {ba['seconds_per_block']:.1f} s per block")
     if report.get("e2e_qp"):
         _print_e2e(report["e2e_qp"])
+    if report["coverage"]["unquantized"]:
+        from eqat.coverage import summary
+
+        out.print(summary(report["coverage"]), highlight=False)
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
               f"report: {report['output']}/report.json")
 
@@ -367,6 +374,7 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
     """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, and which
     export formats can hold it."""
     from eqat.checkpoint import is_eqat_checkpoint, read_eqat_config
+    from eqat.coverage import folder_coverage, summary
     from eqat.model import check_model_dir
     from eqat.run import resolve_model
 
@@ -378,6 +386,10 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
                   "heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads"),
                   "valid_group_sizes": {k: [g for g in (16, 32, 64, 128, 256) if k % g == 0] + [-1] for k in sizes},
                   "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+    try:
+        desc["coverage"] = folder_coverage(path)
+    except (EqatInputError, ValueError, KeyError) as e:  # a config transformers cannot build: describe the rest
+        desc["coverage"] = {"error": str(e)}
     if is_eqat_checkpoint(path):
         from eqat.exporters.base import checkpoint_formats
 
@@ -399,6 +411,7 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
                   f"{e['quantized_modules']} quantized modules, method {e['method']}")
         for fmt, why in desc["export_formats"].items():
             out.print(f"  export {fmt}: {'yes' if why is None else 'no, ' + why}", highlight=False)
+    out.print(f"  {summary(desc['coverage'], would='eqat' not in desc)}", highlight=False)
     out.print(f"  on disk {desc['bytes_on_disk'] / 1e6:.1f} MB")
 
 

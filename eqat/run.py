@@ -77,6 +77,7 @@ class QuantizeOptions:
     skip_e2e: bool = False
     e2e: E2EQPConfig = field(default_factory=E2EQPConfig)
     progress: bool = True
+    allow_unquantized: bool = False  # go on when > 10% of the block matrices stay in full precision (eqat.coverage)
 
     @property
     def runs_e2e(self) -> bool:
@@ -95,7 +96,8 @@ class QuantizeOptions:
         """What determines the Block-AP model: a resumed run must match it (E2E-QP options
         may change between a killed run and its resume; they have their own fingerprint)."""
         d = self.to_dict()
-        for k in ("out", "force", "replace_foreign", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e"):
+        for k in ("out", "force", "replace_foreign", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e",
+                  "allow_unquantized"):
             d.pop(k, None)
         d["model_path"] = str(model_path)
         d["block_ap"].pop("offload", None)  # where activations live does not change the result
@@ -177,9 +179,12 @@ def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[st
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_path)
+    from eqat.coverage import check_coverage, coverage
     from eqat.train.rtn import check_scheme
 
     linears = check_scheme(model, opts.scheme)
+    cov = coverage(model, linears)
+    check_coverage(cov, opts.allow_unquantized)  # before any training or writing
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None
     calib = None
     if opts.method == "block-ap":
@@ -196,6 +201,7 @@ def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[st
         "output": str(out),
         "environment": environment(),
         "fp_size_bytes": model_size_bytes(model),
+        "coverage": cov,
     }
 
     def ppl(tag: str) -> dict[str, Any]:

@@ -82,7 +82,8 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
 
 
 def _train_e2e(opts: TrainE2EOptions, src: Path, meta: dict, out: Path, ev: Any, device: Any) -> dict[str, Any]:
-    from eqat.checkpoint import load_quantized, save_quantized
+    from eqat.checkpoint import load_quantized, quantized_modules, save_quantized
+    from eqat.coverage import coverage
     from eqat.data import eval_token_ids
     from eqat.evaluate import perplexity
     from eqat.run import RESUME, _prepare_output
@@ -94,7 +95,8 @@ def _train_e2e(opts: TrainE2EOptions, src: Path, meta: dict, out: Path, ev: Any,
     resuming = _prepare_output(out, True, opts.force)
     report: dict[str, Any] = {"command": "train-e2e", "checkpoint": str(src), "output": str(out),
                               "scheme": meta["scheme"], "options": {**asdict(opts), "eval": asdict(ev)},
-                              "environment": environment(), "resumed": resuming}
+                              "environment": environment(), "resumed": resuming,
+                              "coverage": coverage(model, quantized_modules(model))}
 
     def ppl(tag: str) -> dict[str, Any]:
         model.to(device)

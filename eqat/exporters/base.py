@@ -94,11 +94,9 @@ def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
 
 def _layer_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each named linear, from a skeleton of the model (no weights)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from eqat.arch import model_skeleton
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = model_skeleton(config)
     return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
 
 
