@@ -89,7 +89,7 @@ def _scheme(scheme: Optional[str], bits: int, group_size: int, symmetric: bool):
 def _print_warnings(report: dict) -> None:
     """A run's warnings on stderr, also with --quiet and --json (they are in report.json too)."""
     for w in report.get("warnings", []):
-        err.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
+        err.print(f"[bold yellow]warning:[/bold yellow] {escape(w)}", highlight=False)
 
 
 def _fmt_ppl(r: Optional[dict]) -> str:
@@ -450,10 +450,10 @@ def _run() -> None:
                 err.print("interrupted; re-run the same command to resume")
             sys.exit(rc)
     except EqatInputError as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
         sys.exit(2)
     except EqatError as e:
-        err.print(f"[bold red]failed:[/bold red] {e}")
+        err.print(f"[bold red]failed:[/bold red] {escape(str(e))}")
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted; re-run the same command to resume")
@@ -462,7 +462,7 @@ def _run() -> None:
         why = _disk_error(e)
         if why is None:
             raise
-        err.print(f"[bold red]error:[/bold red] {why}")
+        err.print(f"[bold red]error:[/bold red] {escape(why)}")
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

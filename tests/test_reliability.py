@@ -434,3 +434,9 @@ def test_a_config_file_cannot_allow_deleting_foreign_folders(cli, tiny_model_dir
     cfg.write_text(f"model: {tiny_model_dir()}\nmethod: rtn\nout_dir: {foreign}\nforce: true\nreplace_foreign: true\nevaluate: false\n")
     code, _, err = cli("quantize", "--config", str(cfg), "-q")
     assert code == 2 and "--replace-foreign on the command line" in err and (foreign / "cat.jpg").exists()
+
+
+def test_messages_are_printed_literally_not_as_markup(cli, tmp_path):
+    missing = tmp_path / "[bold]model[/bold]"
+    code, _, err = cli("quantize", "--model", str(missing), "--method", "rtn", "--no-eval", "-q")
+    assert code == 2 and "[bold]model[/bold]" in err
