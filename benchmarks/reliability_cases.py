@@ -51,12 +51,15 @@ class Case:
         self.code, self.err = p.returncode, p.stderr
         return p.returncode
 
-    def killed(self, args: list[str], ready: str, timeout: float = 120) -> None:
-        """Start `eqat args`, SIGKILL it once a file matching `ready` (a glob under work) exists."""
+    def killed(self, args: list[str], *ready: str, timeout: float = 120) -> None:
+        """Start `eqat args`, SIGKILL it once a file matching one of the globs `ready` (under work,
+        temporary `.tmp` names excluded) exists."""
         p = subprocess.Popen([sys.executable, "-m", "eqat", *args], cwd=self.work, env=self.env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t = time.time()
-        while not list(self.work.glob(ready)) and p.poll() is None and time.time() - t < timeout:
+        def found() -> bool:
+            return any(not f.name.endswith(".tmp") for pat in ready for f in self.work.glob(pat))
+        while not found() and p.poll() is None and time.time() - t < timeout:
             time.sleep(0.05)
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -110,7 +113,7 @@ def c_pickle_blockap(c: Case) -> bool:
 def c_pickle_e2e(c: Case) -> bool:
     args = ["quantize", "--model", "tiny", "--out", "run", "--calib-data", "calib.txt", "--e2e-data", "calib.txt", *Q,
             "--e2e-steps", "400", "--e2e-save-every", "1"]
-    c.killed(args, "run/resume/e2e/e2e_state*")
+    c.killed(args, "run/resume/e2e/e2e_state.pt", "run/resume/e2e/e2e_state.json")  # the old name, the new one
     plant_all(c.work / "run" / "resume" / "e2e", ("e2e_state.pt", "e2e_state.*.safetensors"), c.work / "marker")
     c.eqat(*args)
     return _payload_checked(c)
