@@ -1,5 +1,9 @@
-"""SHA-256 of `model.safetensors` (and the report's perplexities) for fixed-seed runs on a tiny
-model: the record a refactor that must not change numerics is compared against (issue 18).
+"""SHA-256 of the tensors of `model.safetensors` (and the report's perplexities) for fixed-seed runs
+on a tiny model: the record a refactor that must not change numerics is compared against (issue 18).
+
+The hash is over the tensors (sorted names, dtype, shape, bytes), not the file: safetensors writes
+its `__metadata__` map in an order that varies from process to process (seen: the same tensors
+gave 2 different file hashes in 3 runs), so a file hash is not reproducible.
 
     python benchmarks/numerics_hashes.py [--name numerics_hashes]
 
@@ -21,11 +25,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"rtn": ["--method", "rtn"], "block-ap": ["--skip-e2e"], "block-ap+e2e-qp": []}
 COMMON = ["--nsamples", "8", "--val-samples", "2", "--calib-seqlen", "32", "--batch-size", "4", "--epochs", "2",
           "--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-epochs", "2",
           "--e2e-grad-accum", "1", "--eval-data", "EVAL", "--seqlen", "32", "--max-windows", "4", "--seed", "0", "-q"]
+
+
+def tensors_sha256(path: Path) -> str:
+    """SHA-256 over the tensors of a safetensors file: for each name in order, name, dtype, shape, bytes."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def cpu_flags() -> list[str]:
@@ -70,7 +87,7 @@ def main() -> None:
                        "--calib-data", str(calib), "--e2e-data", str(calib), *common, "--out", str(out)]
                 subprocess.run(cmd, check=True, capture_output=True)
                 report = json.loads((out / "report.json").read_text())
-                sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+                sha = tensors_sha256(out / "model.safetensors")
                 rows.append({"method": method, "scheme": scheme, "sha256": sha, "ppl": report["perplexity"]["ppl"],
                              "seconds": round(time.time() - t, 1)})
                 print(f"{method:16} {scheme}  {sha[:16]}  ppl {rows[-1]['ppl']:.6f}", flush=True)
@@ -80,7 +97,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Tiny-model hashes at {commit}", "", f"CPU flags: {' '.join(result['cpu_flags'])}", "",
-          "| method | scheme | sha256 of model.safetensors | perplexity (4 x 32 tokens) |", "|---|---|---|---|"]
+          "| method | scheme | sha256 of the tensors of model.safetensors | perplexity (4 x 32 tokens) |", "|---|---|---|---|"]
     md += [f"| {r['method']} | {r['scheme']} | `{r['sha256']}` | {r['ppl']:.6f} |" for r in rows]
     (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
 
