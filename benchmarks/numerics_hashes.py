@@ -53,22 +53,10 @@ def cpu_flags() -> list[str]:
 
 def make_inputs(folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.conftest import save_tiny_inputs
 
-    from eqat.data import CARRIED
-    from tests.conftest import tiny_model
-
-    text = CARRIED["wikitext2"].read_text(encoding="utf-8")
-    (folder / "calib.txt").write_text(text[:20_000])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(text[:200_000].splitlines(), trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    tiny_model("llama", vocab=len(fast)).save_pretrained(folder / "tiny")
-    fast.save_pretrained(folder / "tiny")
-    return folder / "tiny", folder / "calib.txt"
+    model, calib, _ = save_tiny_inputs(folder)
+    return model, calib
 
 
 def main() -> None:

@@ -444,21 +444,11 @@ CASES: list[tuple[str, str, Callable[[Case], bool | None]]] = [
 def make_template(folder: Path, env: dict) -> None:
     """tiny/ (Llama, 2 blocks, hidden 64), mixtral/ (4 experts), calib.txt, ck/ (its RTN w4g32 checkpoint)."""
     sys.path.insert(0, str(ROOT))
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, MixtralConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from eqat.data import CARRIED
-    from tests.conftest import tiny_model
+    from tests.conftest import save_tiny_inputs
 
-    text = CARRIED["wikitext2"].read_text(encoding="utf-8")
-    (folder / "calib.txt").write_text(text[:20_000])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(text[:200_000].splitlines(), trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    tiny_model("llama", vocab=len(fast)).save_pretrained(folder / "tiny")
-    fast.save_pretrained(folder / "tiny")
+    _, _, fast = save_tiny_inputs(folder)
     cfg = MixtralConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                         max_position_embeddings=256)

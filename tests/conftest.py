@@ -33,8 +33,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
+def train_tiny_tokenizer():
     """A byte-level BPE tokenizer with a 320-token vocabulary, trained on WikiText-2 text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -47,9 +46,28 @@ def tiny_tokenizer(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_tiny_inputs(folder: Path) -> tuple[Path, Path, object]:
+    """For scripts outside pytest (benchmarks/): `folder/tiny` (tiny Llama + tokenizer) and
+    `folder/calib.txt` (the first 20,000 characters of WikiText-2). Returns (model dir, calib, tokenizer)."""
+    from eqat.data import CARRIED
+
+    (folder / "calib.txt").write_text(CARRIED["wikitext2"].read_text(encoding="utf-8")[:20_000])
+    tok = train_tiny_tokenizer()
+    tiny_model("llama", vocab=len(tok)).save_pretrained(folder / "tiny")
+    tok.save_pretrained(folder / "tiny")
+    return folder / "tiny", folder / "calib.txt", tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny tokenizer (train_tiny_tokenizer), saved and reloaded as a user's would be."""
+    from transformers import PreTrainedTokenizerFast
+
     path = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(path)
+    train_tiny_tokenizer().save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

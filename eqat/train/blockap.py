@@ -45,7 +45,7 @@ from eqat.scheme import QuantScheme
 from eqat.train.fakequant import freeze_block, trainable_groups, wrap_block
 from eqat.train.guard import NonFiniteGuard, NonFiniteRun
 from eqat.train.rtn import check_scheme, replace_module
-from eqat.quantizer import SCALE_MAX, SCALE_MIN
+from eqat.health import nonfinite_tensors, scales_at_limits
 from eqat.train.state import damaged, load_state, save_state, storable
 from eqat.train.streams import OFFLOADS, ActivationStream
 
@@ -395,22 +395,22 @@ class BlockAPTrainer:
                                     "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
                                     "or --act-dtype float32.") from e
                 lr_scale /= 2
-        frozen = freeze_block(block, self.storage_dtype)
+        freeze_block(block, self.storage_dtype)
         final_loss = self._loss(block, xq, yfp, val, kw)
         self._check_finite(i, block, final_loss)
-        at_limit = sum(int(((q.scales == SCALE_MIN) | (q.scales == SCALE_MAX)).sum()) for q in frozen.values())
+        at_limit, n_scales = scales_at_limits(block)
         xq_next = ActivationStream.create(p_q, (n, t, h), self.act_dtype, cfg.offload)
         self._apply(block, xq, xq_next, kw)
         self.blocks[i] = block.to("cpu")
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
-                          guard.skipped, restarts, lr_scale, at_limit, sum(q.scales.numel() for q in frozen.values()))
+                          guard.skipped, restarts, lr_scale, at_limit, n_scales)
         self.records.append(rec)
         return yfp, xq_next
 
     def _check_finite(self, i: int, block: nn.Module, loss: float) -> None:
         """Stop (EqatError, exit 1) before saving block i when its packed form is broken."""
-        bad = [n for n, t in block.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = nonfinite_tensors(block)
         if bad or not math.isfinite(loss):
             what = f"stored tensors {bad[:4]} are not finite" if bad else f"its held-out loss after packing is {loss}"
             raise EqatError(f"Block-AP block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
