@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from eqat.checkpoint import read_eqat_config
+from eqat.io.checkpoint import read_eqat_config
 from eqat.errors import EqatInputError
 from eqat.exporters import export_checkpoint
-from eqat.report import environment, write_json
+from eqat.io.report import environment, write_json
 from eqat.validate import validate, write_report
 from eqat.validate.report import COLUMNS, table_rows
 

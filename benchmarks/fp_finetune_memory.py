@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from eqat.memory import PeakMemory
-from eqat.model import load_model
-from eqat.run import resolve_model
-from eqat.train.e2e import _checkpointing, lm_loss_sum
-from eqat.train.e2e_data import e2e_examples
+from eqat.engine.memory import PeakMemory
+from eqat.models.loading import load_model
+from eqat.pipeline import resolve_model
+from eqat.engine.end2end import _checkpointing, lm_loss_sum
+from eqat.data.e2e_data import e2e_examples
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from eqat.kernels.reference import PackedLinearFunction, TorchOps, _grid_zeros
-from eqat.packing import pack_int32
-from eqat.report import environment, write_json
-from eqat.scheme import QuantScheme
+from eqat.core.packing import pack_int32
+from eqat.io.report import environment, write_json
+from eqat.core.scheme import QuantScheme
 
 LLAMA2_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in): q/k/v/o, gate/up, down
 # Peak memory bandwidth (bytes/s) and dense fp16 tensor-core TFLOP/s of common GPUs (vendor sheets)
@@ -132,7 +132,7 @@ def make_peers(layer, scheme: QuantScheme, n: int, k: int, dtype: torch.dtype, d
     try:
         if device.type == "cuda" and scheme.bits in (2, 4) and dtype == torch.float16:
             from eqat.kernels.bitblas_backend import bitblas_forward, bitblas_installed
-            from eqat.qlinear import QuantLinear
+            from eqat.core.qlinear import QuantLinear
 
             if bitblas_installed():
                 q = QuantLinear(k, n, scheme, dtype=dtype, device=device)

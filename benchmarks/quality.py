@@ -25,16 +25,16 @@ from pathlib import Path
 
 import torch
 
-from eqat.data import calibration_windows, eval_token_ids
-from eqat.evaluate import perplexity
-from eqat.model import load_model
-from eqat.report import environment, write_json
-from eqat.run import CalibOptions, resolve_model
-from eqat.scheme import QuantScheme
-from eqat.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
-from eqat.train.blockap import BlockAPConfig, BlockAPTrainer, peak_memory_bytes
-from eqat.train.e2e import E2EQPConfig
-from eqat.train.rtn import quantize_rtn
+from eqat.data.sources import calibration_windows, eval_token_ids
+from eqat.data.evaluate import perplexity
+from eqat.models.loading import load_model
+from eqat.io.report import environment, write_json
+from eqat.pipeline import CalibOptions, resolve_model
+from eqat.core.scheme import QuantScheme
+from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
+from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer, peak_memory_bytes
+from eqat.engine.end2end import E2EQPConfig
+from eqat.methods.rtn import quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"
 GPTQ_CONCAT = 4
@@ -84,7 +84,7 @@ def dequantize_gptq_model(model: torch.nn.Module) -> float:
     """Replace GPTQModel's packed linears by float32 nn.Linear holding its own dequantized
     weights (`dequantize_weight()` is [K, N]); returns the largest logit difference between the
     fp16 packed model and the fp32 result on a short input, as a check."""
-    from eqat.train.rtn import replace_module
+    from eqat.methods.rtn import replace_module
 
     x = torch.arange(1, 65)[None]
     before = model(x).logits.float()

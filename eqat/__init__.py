@@ -11,19 +11,19 @@ import importlib
 __version__ = "0.1.0"
 
 from eqat.errors import EqatError, EqatInputError  # noqa: E402
-from eqat.scheme import QuantScheme  # noqa: E402
+from eqat.core.scheme import QuantScheme  # noqa: E402
 
 _LAZY = {
-    "QuantLinear": "eqat.qlinear",
-    "load_model": "eqat.model",
-    "quantize_rtn": "eqat.train.rtn",
-    "save_quantized": "eqat.checkpoint",
-    "load_quantized": "eqat.checkpoint",
-    "perplexity": "eqat.evaluate",
-    "BlockAPConfig": "eqat.train.blockap",
-    "BlockAPTrainer": "eqat.train.blockap",
-    "E2EQPConfig": "eqat.train.e2e",
-    "E2EQPTrainer": "eqat.train.e2e",
+    "QuantLinear": "eqat.core.qlinear",
+    "load_model": "eqat.models.loading",
+    "quantize_rtn": "eqat.methods.rtn",
+    "save_quantized": "eqat.io.checkpoint",
+    "load_quantized": "eqat.io.checkpoint",
+    "perplexity": "eqat.data.evaluate",
+    "BlockAPConfig": "eqat.engine.blockwise",
+    "BlockAPTrainer": "eqat.engine.blockwise",
+    "E2EQPConfig": "eqat.engine.end2end",
+    "E2EQPTrainer": "eqat.engine.end2end",
 }
 
 __all__ = ["__version__", "QuantScheme", "EqatError", "EqatInputError", *_LAZY]

@@ -1,4 +1,4 @@
-"""The `eqat` command line: argument handling only; the work lives in eqat.run.
+"""The `eqat` command line: argument handling only; the work lives in eqat.pipeline.
 
 Exit codes: 0 ok, 1 a run failed or a check failed, 2 bad input (the message says the fix).
 """
@@ -19,9 +19,9 @@ from rich.table import Table
 
 from eqat.cliconfig import apply_config, save_config
 from eqat.errors import EqatError, EqatInputError
-from eqat.run import CalibOptions
-from eqat.train.blockap import BlockAPConfig
-from eqat.train.e2e import E2EQPConfig
+from eqat.pipeline import CalibOptions
+from eqat.engine.blockwise import BlockAPConfig
+from eqat.engine.end2end import E2EQPConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -81,7 +81,7 @@ def _print_e2e(section: dict) -> None:
 
 
 def _scheme(scheme: Optional[str], bits: int, group_size: int, symmetric: bool):
-    from eqat.scheme import QuantScheme
+    from eqat.core.scheme import QuantScheme
 
     return QuantScheme.parse(scheme) if scheme else QuantScheme(bits, group_size, symmetric)
 
@@ -144,8 +144,8 @@ def quantize(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize a model (Block-AP then E2E-QP by default) and save an eqat checkpoint (with report.json and plots)."""
-    from eqat.run import CalibOptions, EvalOptions, QuantizeOptions, quantize_run
-    from eqat.train.blockap import BlockAPConfig
+    from eqat.pipeline import CalibOptions, EvalOptions, QuantizeOptions, quantize_run
+    from eqat.engine.blockwise import BlockAPConfig
 
     opts = QuantizeOptions(
         model=model, method=method, scheme=_scheme(scheme, bits, group_size, symmetric),
@@ -188,7 +188,7 @@ def quantize(
     if report.get("e2e_qp"):
         _print_e2e(report["e2e_qp"])
     if report["coverage"]["unquantized"]:
-        from eqat.coverage import summary
+        from eqat.models.coverage import summary
 
         out.print(summary(report["coverage"]), highlight=False)
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
@@ -209,8 +209,8 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Perplexity with the standard protocol (non-overlapping windows, mean token NLL)."""
-    from eqat.report import write_json
-    from eqat.run import EvalOptions, eval_run
+    from eqat.io.report import write_json
+    from eqat.pipeline import EvalOptions, eval_run
 
     result = eval_run(model, EvalOptions(data, seqlen, max_windows), device=device, progress=not quiet)
     if report:
@@ -250,8 +250,8 @@ def train_e2e(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """E2E-QP on an existing eqat checkpoint: train the scales end to end, codes unchanged."""
-    from eqat.run import EvalOptions
-    from eqat.run_e2e import TrainE2EOptions, train_e2e_run
+    from eqat.pipeline import EvalOptions
+    from eqat.pipeline_e2e import TrainE2EOptions, train_e2e_run
 
     cfg = _e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
                       e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
@@ -340,7 +340,7 @@ def validate(
     from eqat.validate import Thresholds, validate as run_validate, write_report
     from eqat.validate.report import COLUMNS, CONSOLE, check_report_folder, table_rows
 
-    from eqat.outdir import check_output, resolve_out
+    from eqat.io.outdir import check_output, resolve_out
 
     folder = resolve_out(out_dir or Path(model) / "validate")
     check_output(folder, [model, *export], force=True, replace_foreign=replace_foreign)
@@ -373,10 +373,10 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
          json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout.")) -> None:
     """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, and which
     export formats can hold it."""
-    from eqat.checkpoint import is_eqat_checkpoint, read_eqat_config
-    from eqat.coverage import folder_coverage, summary
-    from eqat.model import check_model_dir
-    from eqat.run import resolve_model
+    from eqat.io.checkpoint import is_eqat_checkpoint, read_eqat_config
+    from eqat.models.coverage import folder_coverage, summary
+    from eqat.models.loading import check_model_dir
+    from eqat.pipeline import resolve_model
 
     path = check_model_dir(resolve_model(model))
     cfg = json.loads((path / "config.json").read_text())

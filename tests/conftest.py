@@ -38,7 +38,7 @@ def train_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from eqat.data import CARRIED
+    from eqat.data.sources import CARRIED
 
     text = CARRIED["wikitext2"].read_text(encoding="utf-8")[:200_000].splitlines()
     tok = Tokenizer(models.BPE())
@@ -52,7 +52,7 @@ def train_tiny_tokenizer():
 def save_tiny_inputs(folder: Path) -> tuple[Path, Path, object]:
     """For scripts outside pytest (benchmarks/): `folder/tiny` (tiny Llama + tokenizer) and
     `folder/calib.txt` (the first 20,000 characters of WikiText-2). Returns (model dir, calib, tokenizer)."""
-    from eqat.data import CARRIED
+    from eqat.data.sources import CARRIED
 
     (folder / "calib.txt").write_text(CARRIED["wikitext2"].read_text(encoding="utf-8")[:20_000])
     tok = train_tiny_tokenizer()
@@ -88,7 +88,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 def e2e_killed_at(step: int):
     """A stand-in for `E2EQPTrainer._step_batches` that raises KeyboardInterrupt (a kill) when
     optimizer step `step` begins; call it before patching."""
-    from eqat.train.e2e import E2EQPTrainer
+    from eqat.engine.end2end import E2EQPTrainer
 
     original = E2EQPTrainer._step_batches
 

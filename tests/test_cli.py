@@ -8,7 +8,7 @@ from tests.conftest import e2e_killed_at
 
 @pytest.fixture
 def text_file(tmp_path):
-    from eqat.data import CARRIED
+    from eqat.data.sources import CARRIED
 
     p = tmp_path / "eval.txt"
     p.write_text(CARRIED["wikitext2"].read_text(encoding="utf-8")[:20_000])
@@ -104,7 +104,7 @@ E2E_ARGS = ["--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32
 def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
     from safetensors.torch import load_file
 
-    from eqat.train.blockap import BlockAPTrainer
+    from eqat.engine.blockwise import BlockAPTrainer
 
     model = tiny_model_dir("llama")
     args = ["--model", str(model), "--calib-data", str(text_file), *BLOCK_AP_ARGS]
@@ -158,8 +158,8 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
     assert (out / "e2e_loss.png").is_file()
     assert json.loads((out / "eqat_config.json").read_text())["provenance"]["method"] == "block-ap+e2e-qp"
     # killed during E2E-QP, then re-run: Block-AP is not redone, E2E-QP resumes, same model
-    from eqat.train.blockap import BlockAPTrainer
-    from eqat.train.e2e import E2EQPTrainer
+    from eqat.engine.blockwise import BlockAPTrainer
+    from eqat.engine.end2end import E2EQPTrainer
 
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -183,7 +183,7 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
 def test_train_e2e_on_checkpoint_resumes_and_keeps_codes(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
     from safetensors.torch import load_file
 
-    from eqat.train.e2e import E2EQPTrainer
+    from eqat.engine.end2end import E2EQPTrainer
 
     model = tiny_model_dir("qwen2")
     src = tmp_path / "rtn"
@@ -279,24 +279,24 @@ def test_config_file_reproduces_a_run(cli, tiny_model_dir, tmp_path):
 def test_eval_window_options_are_checked_before_any_work(cli, tiny_model_dir, tmp_path, monkeypatch):
     """eval, quantize and train-e2e refuse --seqlen < 2 and --max-windows < 1 (eval --seqlen 0 raised
     ZeroDivisionError) with the option's name, before loading a model or writing anything."""
-    import eqat.checkpoint
-    import eqat.run
+    import eqat.io.checkpoint
+    import eqat.pipeline
 
     model = tiny_model_dir()
     fail = lambda *a, **k: pytest.fail("a model was loaded before the check")  # noqa: E731
     with monkeypatch.context() as mp:
-        mp.setattr(eqat.run, "load_any", fail)
+        mp.setattr(eqat.pipeline, "load_any", fail)
         for args, message in ((["--seqlen", "0"], "--seqlen 0: a window of N tokens predicts N - 1"),
                               (["--max-windows", "0"], "--max-windows 0: at least one window is needed")):
             code, _, err = cli("eval", str(model), *args, "-q")
             assert code == 2 and message in err, err
     with monkeypatch.context() as mp:
-        mp.setattr(eqat.run, "load_model", fail)
+        mp.setattr(eqat.pipeline, "load_model", fail)
         _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--max-windows", "0"], "--max-windows 0")
         _assert_bad(cli, tmp_path, ["--model", str(model), "--method", "rtn", "--seqlen", "1"], "--seqlen 1")
     src = tmp_path / "rtn"
     assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(src), "--no-eval", "-q")[0] == 0
-    monkeypatch.setattr(eqat.checkpoint, "load_quantized", fail)
+    monkeypatch.setattr(eqat.io.checkpoint, "load_quantized", fail)
     code, _, err = cli("train-e2e", str(src), "--out", str(tmp_path / "e"), "--seqlen", "0", "-q")
     assert code == 2 and "--seqlen 0" in err and not (tmp_path / "e").exists()
 
@@ -330,7 +330,7 @@ def test_config_files_never_name_a_program_to_run(cli, tmp_path):
 
 def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_path):
     """quantize and export refuse an output folder whose lock a live run holds (here: this process)."""
-    from eqat.lock import output_lock
+    from eqat.io.lock import output_lock
 
     src, out, ck = tiny_model_dir(), tmp_path / "busy", tmp_path / "ck"
     assert cli("quantize", "--model", str(src), "--method", "rtn", "--out", str(ck), "--no-eval", "-q")[0] == 0

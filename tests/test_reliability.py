@@ -20,7 +20,7 @@ Q = ["--nsamples", "4", "--val-samples", "2", "--calib-seqlen", "32", "--e2e-nsa
 
 @pytest.fixture
 def calib(tmp_path):
-    from eqat.data import CARRIED
+    from eqat.data.sources import CARRIED
 
     p = tmp_path / "calib.txt"
     p.write_text(CARRIED["wikitext2"].read_text(encoding="utf-8")[:20_000])
@@ -64,7 +64,7 @@ def test_the_payload_is_live(tmp_path):
 # ---- 1. no code runs from a resume folder -------------------------------------------------------------------
 
 def _killed_block_ap_run(cli, monkeypatch, args: list[str], out: Path) -> None:
-    from eqat.train.blockap import BlockAPTrainer
+    from eqat.engine.blockwise import BlockAPTrainer
 
     save_block = BlockAPTrainer._save_block
 
@@ -107,7 +107,7 @@ def test_block_ap_resume_ignores_a_planted_legacy_file(cli, tiny_model_dir, cali
 
 
 def test_e2e_resume_never_unpickles(cli, tiny_model_dir, calib, tmp_path, monkeypatch):
-    from eqat.train.e2e import E2EQPTrainer
+    from eqat.engine.end2end import E2EQPTrainer
 
     args = q_args(tiny_model_dir(), calib, "--e2e-steps", "3")
     out, marker = tmp_path / "run", tmp_path / "marker"
@@ -180,7 +180,7 @@ def test_force_replaces_a_foreign_folder_only_with_replace_foreign(cli, tiny_mod
 
 
 def test_a_symlinked_out_shares_the_lock_and_saves(cli, tiny_model_dir, tmp_path):
-    from eqat.lock import output_lock
+    from eqat.io.lock import output_lock
 
     model = tiny_model_dir()
     real, alias = tmp_path / "conc", tmp_path / "alias"
@@ -218,7 +218,7 @@ def test_exploding_learning_rates_fail_and_save_nothing(cli, tiny_model_dir, cal
 def test_scales_out_of_range_are_clamped_in_packing_and_reported(cli, tiny_model_dir, calib, tmp_path):
     from safetensors.torch import load_file
 
-    from eqat.quantizer import SCALE_MAX, SCALE_MIN
+    from eqat.core.quantizer import SCALE_MAX, SCALE_MIN
 
     out = tmp_path / "o"
     code, _, err = cli("quantize", "--out", str(out), *q_args(tiny_model_dir(), calib, "--lr-quant", "0.05", "--epochs", "2",
@@ -254,9 +254,9 @@ def test_e2e_with_a_huge_learning_rate_warns(cli, tiny_model_dir, calib, tmp_pat
 
 
 def test_run_warnings_name_what_rose(tiny_tokenizer):
-    from eqat.health import run_warnings
-    from eqat.scheme import QuantScheme
-    from eqat.train.rtn import quantize_rtn
+    from eqat.engine.health import run_warnings
+    from eqat.core.scheme import QuantScheme
+    from eqat.methods.rtn import quantize_rtn
     from tests.conftest import tiny_model
 
     model = tiny_model("llama", vocab=len(tiny_tokenizer))
@@ -274,9 +274,9 @@ def test_a_model_with_nan_is_not_saved(tiny_tokenizer):
     from tests.conftest import tiny_model
 
     from eqat.errors import EqatError
-    from eqat.health import check_finite
-    from eqat.scheme import QuantScheme
-    from eqat.train.rtn import quantize_rtn
+    from eqat.engine.health import check_finite
+    from eqat.core.scheme import QuantScheme
+    from eqat.methods.rtn import quantize_rtn
 
     model = tiny_model("llama", vocab=len(tiny_tokenizer))
     quantize_rtn(model, QuantScheme(4, 32))
@@ -343,7 +343,7 @@ def test_bad_devices_config_files_and_out_paths(cli, tiny_model_dir, tmp_path):
 
 def test_a_read_only_file_system_is_bad_input(cli, tiny_model_dir, tmp_path, monkeypatch):
     """Tests run as root, where chmod does not stop writes: the lock's create fails as on a read-only mount."""
-    import eqat.lock
+    import eqat.io.lock
 
     real_open = os.open
 
@@ -352,7 +352,7 @@ def test_a_read_only_file_system_is_bad_input(cli, tiny_model_dir, tmp_path, mon
             raise OSError(errno.EROFS, "Read-only file system", path)
         return real_open(path, flags, *a)
 
-    monkeypatch.setattr(eqat.lock.os, "open", read_only)
+    monkeypatch.setattr(eqat.io.lock.os, "open", read_only)
     code, _, err = cli("quantize", "--model", str(tiny_model_dir()), "--method", "rtn", "--out", str(tmp_path / "o"),
                        "--no-eval", "-q")
     assert code == 2 and "Read-only file system" in err and "writable --out" in err
@@ -360,10 +360,10 @@ def test_a_read_only_file_system_is_bad_input(cli, tiny_model_dir, tmp_path, mon
 
 @pytest.mark.parametrize("where", ["plot", "checkpoint", "export", "resume"])
 def test_a_disk_that_fills_mid_write_is_bad_input(cli, tiny_model_dir, calib, tmp_path, monkeypatch, where):
-    import eqat.checkpoint
+    import eqat.io.checkpoint
     import eqat.exporters.base
-    import eqat.report
-    from eqat.train.streams import ActivationStream
+    import eqat.io.report
+    from eqat.engine.streams import ActivationStream
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -372,7 +372,7 @@ def test_a_disk_that_fills_mid_write_is_bad_input(cli, tiny_model_dir, calib, tm
     ck = tmp_path / "ck"
     if where == "export":
         assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(ck), "--no-eval", "-q")[0] == 0
-    target = {"plot": (eqat.report, "_save_figure"), "checkpoint": (eqat.checkpoint, "save_file"),
+    target = {"plot": (eqat.io.report, "_save_figure"), "checkpoint": (eqat.io.checkpoint, "save_file"),
               "export": (eqat.exporters.base, "save_file"), "resume": (ActivationStream, "save")}[where]
     monkeypatch.setattr(*target, full)
     if where == "export":

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import to_int32, unpack_int32
-from eqat.scheme import QuantScheme
+from eqat.core.packing import to_int32, unpack_int32
+from eqat.core.scheme import QuantScheme
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 

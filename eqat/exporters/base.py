@@ -23,12 +23,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from eqat import __version__
-from eqat.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config, side_files_bytes
+from eqat.io.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config, side_files_bytes
 from eqat.errors import EqatInputError
-from eqat.lock import output_lock
-from eqat.model import check_model_dir, load_tokenizer
-from eqat.outdir import check_output, resolve_out
-from eqat.scheme import QuantScheme
+from eqat.io.lock import output_lock
+from eqat.models.loading import check_model_dir, load_tokenizer
+from eqat.io.outdir import check_output, resolve_out
+from eqat.core.scheme import QuantScheme
 
 
 @dataclass
@@ -94,7 +94,7 @@ def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
 
 def _layer_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each named linear, from a skeleton of the model (no weights)."""
-    from eqat.arch import model_skeleton
+    from eqat.models.arch import model_skeleton
 
     model = model_skeleton(config)
     return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}

@@ -32,8 +32,8 @@ import torch
 
 from eqat import __version__
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import unpack_int32
-from eqat.scheme import QuantScheme
+from eqat.core.packing import unpack_int32
+from eqat.core.scheme import QuantScheme
 
 BITS = (2, 4, 8)
 GROUPS = (-1, 32, 64, 128)

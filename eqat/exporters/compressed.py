@@ -31,8 +31,8 @@ import torch
 
 from eqat.errors import EqatInputError
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import pack_int32, packed_length, unpack_int32
-from eqat.scheme import QuantScheme
+from eqat.core.packing import pack_int32, packed_length, unpack_int32
+from eqat.core.scheme import QuantScheme
 
 FORMAT_VERSION = "0.20.0"  # the compressed-tensors version whose layout this writes
 

@@ -3,7 +3,7 @@
 Per linear (K inputs, N outputs, b bits, group g, G = K / g groups):
 
     qweight  int32 [K * b / 32, N]  codes packed along K, one bit stream per output column
-                                    (the stream order of eqat.packing: eqat's [N, W] transposed)
+                                    (the stream order of eqat.core.packing: eqat's [N, W] transposed)
     qzeros   int32 [G, N * b / 32]  zero-points packed along N, same stream order
     scales   fp16  [G, N]
     g_idx    int32 [K]              k // g (desc_act is false)
@@ -30,8 +30,8 @@ import torch
 
 from eqat import __version__
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import pack_int32, unpack_int32
-from eqat.scheme import QuantScheme
+from eqat.core.packing import pack_int32, unpack_int32
+from eqat.core.scheme import QuantScheme
 
 FORMATS = ("gptq", "gptq_v2")
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from eqat.exporters.base import Exporter, QuantizedLayer, register
-from eqat.packing import pack_int32, unpack_int32
-from eqat.scheme import QuantScheme
+from eqat.core.packing import pack_int32, unpack_int32
+from eqat.core.scheme import QuantScheme
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB ceiling, with room for the graph
@@ -171,7 +171,7 @@ def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, scheme: Qu
     """Trace the eqat model, its quantized linears swapped for `MatMulNBitsLinear`, to `out/model.onnx`."""
     import onnx
 
-    from eqat.checkpoint import load_quantized
+    from eqat.io.checkpoint import load_quantized
 
     model, _, meta = load_quantized(src)
     model.config._attn_implementation = "eager"  # sdpa and flex do not trace to ONNX

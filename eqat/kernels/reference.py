@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from eqat.packing import unpack_int32
-from eqat.quantizer import dequantize_codes
+from eqat.core.packing import unpack_int32
+from eqat.core.quantizer import dequantize_codes
 
 
 def dequantize_packed(

@@ -1,6 +1,6 @@
 """Triton kernels over eqat's packed layout: forward GEMM/GEMV and the two E2E-QP backwards.
 
-Layout read here (eqat.packing): qweight int32 [N, W], codes packed along K as one bit stream,
+Layout read here (eqat.core.packing): qweight int32 [N, W], codes packed along K as one bit stream,
 code k of a row at stream bits [k*b, (k+1)*b), stream bit i = bit (i % 32) of word i // 32;
 for b = 3, codes whose bits straddle two words take their high bits from the next word.
 scales [N, G] (fp16/bf16/fp32), zeros [N, G] float32 integer-valued; W_hat = (q - z) * s with

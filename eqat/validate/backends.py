@@ -101,7 +101,7 @@ def kernel_env(kernel: str) -> Iterator[None]:
 
 def _load_eqat(kernel: str, device: str, dtype: torch.dtype) -> Callable[[Path, str, dict], Loaded]:
     def load(folder: Path, kind: str, qc: dict) -> Loaded:
-        from eqat.checkpoint import load_quantized
+        from eqat.io.checkpoint import load_quantized
 
         model = load_quantized(folder, device=device)[0].to(dtype)
         forward = _hf_logits(model)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from eqat.evaluate import window_nll
+from eqat.data.evaluate import window_nll
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # ids int64 [1, T] -> logits float [1, T, V]
 

@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from eqat.checkpoint import atomic_dir
+from eqat.io.checkpoint import atomic_dir
 from eqat.errors import EqatInputError
-from eqat.lock import output_lock
-from eqat.report import environment
+from eqat.io.lock import output_lock
+from eqat.io.report import environment
 
 COLUMNS = ("export", "backend", "dtype", "status", "ppl", "ppl delta", "top-1", "mean KL", "max |dlogit|",
            "greedy", "load s", "tok/s", "note")

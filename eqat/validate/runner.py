@@ -52,7 +52,7 @@ class Reference:
 
     def get(self, dtype: torch.dtype) -> dict[str, Any]:
         if dtype not in self.cache:
-            from eqat.checkpoint import load_quantized
+            from eqat.io.checkpoint import load_quantized
 
             model = load_quantized(self.model_dir)[0].to(dtype)
 
@@ -144,7 +144,7 @@ Folder = tuple[Path, str, dict]  # (path, kind, quantization_config)
 
 def _folders(model_dir: str | Path, exports: list[str | Path], backends: list[str] | None) -> list[Folder]:
     """The checkpoint then each export, with its kind; bad input refused (EqatInputError)."""
-    from eqat.model import check_model_dir
+    from eqat.models.loading import check_model_dir
 
     model_dir = check_model_dir(model_dir)
     if folder_kind(model_dir)[0] != "eqat":
@@ -230,9 +230,9 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
              vllm_python: str | None = None, vllm_timeout: int = 900, progress: bool = True) -> dict[str, Any]:
     """Score every export (and the checkpoint itself on other kernels) against the checkpoint.
     It passes when at least one export was compared by a runtime and nothing failed."""
-    from eqat.checkpoint import load_quantized
-    from eqat.data import eval_token_ids
-    from eqat.evaluate import check_windows
+    from eqat.io.checkpoint import load_quantized
+    from eqat.data.sources import eval_token_ids
+    from eqat.data.evaluate import check_windows
 
     check_windows(seqlen, windows, "--windows")
     if new_tokens < 1:

@@ -7,15 +7,15 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_model
-from eqat.checkpoint import load_quantized, save_quantized
+from tests.conftest import tiny_model
+from eqat.io.checkpoint import load_quantized, save_quantized
 from eqat.errors import EqatInputError
 from eqat.exporters import EXPORTERS, QuantizedLayer, export_checkpoint
 from eqat.exporters.awq import convert_layer, pack_awq, unpack_awq
-from eqat.packing import pack_int32
-from eqat.quantizer import dequantize_codes
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.core.packing import pack_int32
+from eqat.core.quantizer import dequantize_codes
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 
 
 def _layer(n, k, group, seed=0):

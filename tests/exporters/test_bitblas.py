@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
-from eqat.checkpoint import save_quantized
+from tests.conftest import tiny_model
+from eqat.io.checkpoint import save_quantized
 from eqat.errors import EqatInputError
 from eqat.exporters import EXPORTERS, QuantizedLayer, export_checkpoint
 from eqat.exporters import bitblas as exporter
-from eqat.packing import pack_int32
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.core.packing import pack_int32
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 
 
 class FakeBitblasLinear:

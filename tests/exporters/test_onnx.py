@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
-from eqat.checkpoint import load_quantized, save_quantized
+from tests.conftest import tiny_model
+from eqat.io.checkpoint import load_quantized, save_quantized
 from eqat.errors import EqatInputError
 from eqat.exporters import EXPORTERS, QuantizedLayer, export_checkpoint
 from eqat.exporters.onnx import block_size, convert_layer, pack_bytes, unpack_bytes, unpack_onnx
-from eqat.packing import pack_int32
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.core.packing import pack_int32
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 
 WIDEN = {"widen_3bit": True}
 

@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from eqat.arch import quantizable_linears
-from eqat.checkpoint import load_quantized, save_quantized
-from eqat.data import eval_token_ids
+from eqat.models.arch import quantizable_linears
+from eqat.io.checkpoint import load_quantized, save_quantized
+from eqat.data.sources import eval_token_ids
 from eqat.errors import EqatInputError
-from eqat.evaluate import perplexity
-from eqat.model import load_model
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.data.evaluate import perplexity
+from eqat.models.loading import load_model
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 
 pytestmark = pytest.mark.integration
 SEQLEN, WINDOWS = 512, 2
@@ -24,7 +24,7 @@ SEQLEN, WINDOWS = 512, 2
 
 @pytest.fixture(scope="module")
 def smol():
-    from eqat.default_model import default_model_path
+    from eqat.models.default_model import default_model_path
 
     path = default_model_path()
     _, tok = load_model(path)
@@ -84,9 +84,9 @@ def test_checkpoint_round_trip_logits_identical(smol, tmp_path):
 def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
     """The first two real SmolLM2 blocks at w2g64: training lowers the held-out block loss well
     below the RTN starting point (the full-model figures are in benchmarks/results)."""
-    from eqat.data import calibration_windows
-    from eqat.qlinear import QuantLinear
-    from eqat.train.blockap import BlockAPConfig, BlockAPTrainer
+    from eqat.data.sources import calibration_windows
+    from eqat.core.qlinear import QuantLinear
+    from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer
 
     path, tok, _ = smol
     model, _ = load_model(path)
@@ -104,8 +104,8 @@ def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
 def test_e2e_qp_on_real_model_lowers_heldout_loss_and_keeps_codes(smol, tmp_path):
     """E2E-QP on the whole real SmolLM2 at RTN w2g64, a few short steps: the held-out C4 loss
     falls and only the scales change (the full-budget figures are in benchmarks/results)."""
-    from eqat.train.e2e import E2EQPConfig, E2EQPTrainer
-    from eqat.train.e2e_data import e2e_examples
+    from eqat.engine.end2end import E2EQPConfig, E2EQPTrainer
+    from eqat.data.e2e_data import e2e_examples
 
     path, tok, _ = smol
     model, _ = load_model(path)
@@ -164,7 +164,7 @@ def test_compressed_tensors_and_onnx_exports_run_in_their_runtimes(smol, tmp_pat
     import numpy as np
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from eqat.evaluate import window_nll
+    from eqat.data.evaluate import window_nll
     from eqat.exporters import export_checkpoint
 
     path, tok, ids = smol

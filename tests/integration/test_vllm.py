@@ -12,11 +12,11 @@ import os
 
 import pytest
 
-from eqat.checkpoint import save_quantized
+from eqat.io.checkpoint import save_quantized
 from eqat.exporters import export_checkpoint
-from eqat.model import load_model
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.models.loading import load_model
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 from eqat.validate import validate
 from eqat.validate.backends import vllm_why_not
 
@@ -37,7 +37,7 @@ def vllm_python():
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """SmolLM2 RTN w4g64 (asymmetric) -> awq, compressed-tensors; w4g64sym -> gptq (v1)."""
-    from eqat.default_model import default_model_path
+    from eqat.models.default_model import default_model_path
 
     root, path = tmp_path_factory.mktemp("vllm"), default_model_path()
     out = {}

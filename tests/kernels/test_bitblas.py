@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from eqat.kernels import bitblas_backend as bb
-from eqat.qlinear import QuantLinear
-from eqat.scheme import QuantScheme
+from eqat.core.qlinear import QuantLinear
+from eqat.core.scheme import QuantScheme
 
 
 class _FakeMatmul:

@@ -5,8 +5,8 @@ import torch
 
 from eqat.errors import EqatInputError
 from eqat.kernels import BACKENDS, select_backend
-from eqat.qlinear import QuantLinear
-from eqat.scheme import QuantScheme
+from eqat.core.qlinear import QuantLinear
+from eqat.core.scheme import QuantScheme
 
 CPU = torch.device("cpu")
 

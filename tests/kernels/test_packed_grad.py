@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from eqat.kernels.reference import PackedLinearFunction, TorchOps, quant_linear_torch
-from eqat.packing import pack_int32
-from eqat.quantizer import dequantize_codes
+from eqat.core.packing import pack_int32
+from eqat.core.quantizer import dequantize_codes
 
 
 def _case(bits: int, n: int, k: int, group: int, bias: bool, seed: int = 0):

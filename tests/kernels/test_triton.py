@@ -21,9 +21,9 @@ pytest.importorskip("triton")
 
 from eqat.kernels.reference import PackedLinearFunction, TorchOps, dequantize_packed  # noqa: E402
 from eqat.kernels.triton_ops import TritonOps, scale_grad_block_k  # noqa: E402
-from eqat.packing import pack_int32  # noqa: E402
-from eqat.qlinear import QuantLinear  # noqa: E402
-from eqat.scheme import QuantScheme  # noqa: E402
+from eqat.core.packing import pack_int32  # noqa: E402
+from eqat.core.qlinear import QuantLinear  # noqa: E402
+from eqat.core.scheme import QuantScheme  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -151,7 +151,7 @@ def test_scale_gradient_tile_divides_the_group():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_whole_model_logits_agree_across_backends(monkeypatch, dtype):
     """A tiny Llama quantized to w3g32, run end to end on each backend: same logits."""
-    from eqat.train.rtn import quantize_rtn
+    from eqat.methods.rtn import quantize_rtn
     from tests.conftest import tiny_model
 
     model = tiny_model("llama", hidden=64, layers=2)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
-from eqat.checkpoint import save_quantized
+from tests.conftest import tiny_model
+from eqat.io.checkpoint import save_quantized
 from eqat.errors import EqatInputError
 from eqat.exporters import export_checkpoint
-from eqat.scheme import QuantScheme
-from eqat.train.rtn import quantize_rtn
+from eqat.core.scheme import QuantScheme
+from eqat.methods.rtn import quantize_rtn
 from eqat.validate import Thresholds, validate, write_report
 from eqat.validate.backends import folder_kind
 from eqat.validate.metrics import agreement, greedy_agreement
@@ -151,8 +151,8 @@ def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode,
     assert row["dtype"] == "bfloat16" and row["quantization"] == "compressed-tensors" and row["mean_kl"] is None
     assert row["kernel"] == "CPUWNA16LinearKernel"  # read from its log
     # the stand-in's "top-1" is the actual next token: agreement = how often eqat's bf16 argmax is right
-    from eqat.checkpoint import load_quantized
-    from eqat.data import eval_token_ids
+    from eqat.io.checkpoint import load_quantized
+    from eqat.data.sources import eval_token_ids
 
     model, tok, _ = load_quantized(checkpoint)
     ids = eval_token_ids(tok, "wikitext2")[: SMALL["windows"] * SMALL["seqlen"]].view(SMALL["windows"], -1)
@@ -261,9 +261,9 @@ def test_the_checkpoint_itself_as_export_is_bad_input(cli, checkpoint, tmp_path)
 def test_window_counts_are_checked_before_any_work(cli, checkpoint, tmp_path, monkeypatch):
     """--windows / --seqlen / --new-tokens that measure nothing (they raised ZeroDivisionError) are
     bad input, refused before the checkpoint is loaded."""
-    import eqat.checkpoint
+    import eqat.io.checkpoint
 
-    monkeypatch.setattr(eqat.checkpoint, "load_quantized", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(eqat.io.checkpoint, "load_quantized", lambda *a, **k: pytest.fail("loaded before the check"))
     for kw, flag in ((dict(windows=0), "--windows 0"), (dict(seqlen=1), "--seqlen 1"), (dict(new_tokens=0), "--new-tokens 0")):
         with pytest.raises(EqatInputError, match=flag):
             validate(checkpoint, [], **{**SMALL, **kw})
@@ -290,7 +290,7 @@ def test_an_unwritable_report_folder_is_refused_before_the_backends_run(cli, che
     assert code == 2 and f"cannot write the report folder {tmp_path / 'afile' / 'v'}" in err and "is a file" in err
     assert "pass --out DIR" in err
     code, _, err = cli("validate", str(checkpoint), "--out", str(tmp_path / "afile"), "-q")
-    assert code == 2 and f"--out {tmp_path / 'afile'} is a file, not a folder" in err  # eqat.outdir.check_output
+    assert code == 2 and f"--out {tmp_path / 'afile'} is a file, not a folder" in err  # eqat.io.outdir.check_output
 
     checkpoint.chmod(0o555)
     try:

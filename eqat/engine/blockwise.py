@@ -1,0 +1,463 @@
+"""Block-AP (EfficientQAT phase 1): block-wise training of all parameters.
+
+For each decoder block i, in order:
+  1. targets  Y_fp = fp_block_i(X_fp)      (X_fp: the full-precision model's stream)
+  2. wrap the block's Linears as FakeQuantLinear (RTN init) and train weights, scales and
+     zero-points with AdamW to minimise MSE(block_i^q(X_q), Y_fp) on the calibration windows
+  3. round to integers, pack (QuantLinear), then X_q <- block_i^q(X_q) and X_fp <- Y_fp.
+
+Two streams, as in the paper: the targets come from the full-precision model (so errors do
+not compound into the targets), the inputs from the already-quantized blocks (so each block
+learns to correct the error its predecessors left). Both are kept as `act_dtype` (bf16 by
+default) in memory or memory-mapped files (`offload="disk"`); one block is on the compute
+device at a time. After each block the packed block, both streams and `state.json` are
+written to `state_dir`, so a killed run resumes at the first unfinished block and ends with
+the same model as an uninterrupted one. Resume state is JSON, safetensors and raw activation
+files only (block 0's keyword arguments through eqat/engine/state.py): nothing is unpickled.
+
+A block whose packed output (held-out loss) or stored tensors are not finite stops the run
+(EqatError, exit 1) before it is saved; scales pinned at the clamp limits and a loss that rose
+in training are recorded per block for the pipeline to report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from eqat.models.arch import arch_for, block_linears, decoder_blocks, get_submodule
+from eqat.errors import EqatError, EqatInputError
+from eqat.core.qlinear import QuantLinear
+from eqat.core.scheme import QuantScheme
+from eqat.methods.fakequant import freeze_block, trainable_groups, wrap_block
+from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
+from eqat.methods.rtn import check_scheme, replace_module
+from eqat.engine.health import nonfinite_tensors, scales_at_limits
+from eqat.engine.state import damaged, load_state, save_state, storable
+from eqat.engine.streams import OFFLOADS, ActivationStream
+
+STATE = "state.json"
+KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: block 0's keyword arguments
+LOSSES = ("mse", "relative")
+MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
+
+
+def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token reconstruction loss [..., T] of block outputs [..., T, H] (float32).
+
+    "mse": mean squared error over the hidden size (the paper's loss, up to a constant).
+    "relative": ||out - target||^2 / ||target||^2 per token. Some tokens (attention sinks, often
+    the first of a window) carry "massive activations" hundreds of times larger than the rest
+    (channel 507 of SmolLM2 reaches 2.4e4 after block 11); under plain MSE they are ~98% of the
+    loss, so later blocks learn nothing else. The next block sees RMSNorm(x), i.e. each token's
+    relative error, which is what "relative" weighs equally across tokens.
+    """
+    err = (out.float() - target.float()).pow(2)
+    if kind == "mse":
+        return err.mean(-1)
+    return err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)
+
+
+@dataclass
+class BlockAPConfig:
+    """Training options. AdamW, no weight decay, cosine to lr/20 and 2 epochs as in the paper;
+    learning rates raised for ~64 steps per block instead of the paper's thousands (measured,
+    see docs/block-ap.md)."""
+
+    epochs: int = 2
+    batch_size: int = 2
+    lr_weight: float | None = None  # None: 3e-3 at 2 bits, 1e-3 at 3/4/8 (measured on SmolLM2, docs/block-ap.md)
+    lr_quant: float = 1e-3
+    weight_decay: float = 0.0
+    min_lr_ratio: float = 1 / 20
+    val_samples: int = 8
+    loss: str = "mse"  # "mse" (the paper) or "relative": per-token ||e||^2 / ||y||^2, see recon_loss
+    act_dtype: str = "bfloat16"
+    offload: str = "cpu"
+    storage_dtype: str = "float16"
+    seed: int = 0
+
+    def weight_lr(self, bits: int) -> float:
+        if self.lr_weight is not None:
+            return self.lr_weight
+        return 3e-3 if bits <= 2 else 1e-3
+
+    def check(self) -> None:
+        if self.offload not in OFFLOADS:
+            raise EqatInputError(f"--offload must be one of {', '.join(OFFLOADS)}, got '{self.offload}'.")
+        if self.act_dtype not in ("bfloat16", "float16", "float32"):
+            raise EqatInputError(f"--act-dtype must be bfloat16, float16 or float32, got '{self.act_dtype}'.")
+        if self.loss not in LOSSES:
+            raise EqatInputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
+        if self.epochs < 0 or self.batch_size < 1 or self.val_samples < 0:
+            raise EqatInputError("need --epochs >= 0, --batch-size >= 1 and --val-samples >= 0.")
+        for flag, lr in (("--lr-weight", self.lr_weight), ("--lr-quant", self.lr_quant)):
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                raise EqatInputError(f"{flag} must be a positive learning rate, got {lr}; the defaults are in docs/block-ap.md.")
+        if not (self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise EqatInputError("need weight_decay >= 0 and 0 <= min_lr_ratio <= 1.")
+
+
+@dataclass
+class BlockRecord:
+    """What happened to one block (losses are MSE on the held-out windows)."""
+
+    block: int
+    init_loss: float  # RTN initialisation, before training
+    final_loss: float  # after training, rounding and packing
+    train_loss_first: float
+    train_loss_last: float
+    steps: int
+    seconds: float
+    precision: str
+    train_losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (eqat/engine/guard.py)
+    restarts: int = 0  # restarts from the block's state before training, each at half the learning rates
+    lr_scale: float = 1.0
+    scales_at_limit: int = 0  # stored scales at SCALE_MIN or SCALE_MAX (eqat.core.quantizer)
+    scales_total: int = 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class _Stop(Exception):
+    pass
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+class BlockAPTrainer:
+    """Block-AP over `model` (Llama-family, on CPU) with `scheme`; state in `state_dir`.
+
+    `fingerprint` identifies the run (model, scheme, data, options): resuming with a different
+    one is refused. `run(calib)` trains and leaves the model with packed QuantLinears.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheme: QuantScheme,
+        config: BlockAPConfig,
+        state_dir: str | Path,
+        device: str | torch.device = "cpu",
+        fingerprint: dict[str, Any] | None = None,
+        progress: bool = True,
+        on_block: Callable[[BlockRecord], None] | None = None,
+    ) -> None:
+        config.check()
+        check_scheme(model, scheme)
+        types = set(getattr(model.config, "layer_types", None) or [])
+        if len(types) > 1:
+            raise EqatInputError(f"Block-AP does not support models mixing attention types yet ({sorted(types)}).")
+        self.model, self.scheme, self.config = model, scheme, config
+        self.state_dir = Path(state_dir)
+        self.device = torch.device(device)
+        self.fingerprint = fingerprint or {}
+        self.progress, self.on_block = progress, on_block
+        self.blocks = decoder_blocks(model)
+        self.act_dtype = _dtype(config.act_dtype)
+        self.storage_dtype = _dtype(config.storage_dtype)
+        self.records: list[BlockRecord] = []
+
+    # ---- inputs of block 0 -------------------------------------------------------------
+    @torch.no_grad()
+    def _capture(self, calib: torch.Tensor, stream: ActivationStream | None) -> dict[str, Any]:
+        """Fill `stream` with the inputs of block 0 (None: run one window only); return block 0's
+        keyword arguments."""
+        spec = arch_for(self.model)
+        front = [get_submodule(self.model, p) for p in (spec.embed, spec.rotary)]
+        front = [m for m in front if m is not None]
+        for m in front:
+            m.to(self.device)
+        kwargs: dict[str, Any] = {}
+
+        def hook(_mod, args, kw):
+            x = args[0] if args else kw["hidden_states"]
+            hook.x = x
+            if not kwargs:
+                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for i in range(calib.shape[0] if stream is not None else 1):
+                try:
+                    self.model(calib[i : i + 1].to(self.device), use_cache=False)
+                except _Stop:
+                    if stream is not None:
+                        stream[i] = hook.x[0].cpu()
+        finally:
+            handle.remove()
+            for m in front:
+                m.to("cpu")
+        kwargs["past_key_values"] = None
+        kwargs["use_cache"] = False
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else _to(v, torch.device("cpu")) for k, v in kwargs.items()}
+
+    # ---- resume state --------------------------------------------------------------------
+    def _paths(self, i: int) -> tuple[Path, Path]:
+        return self.state_dir / f"x_fp.{i:03d}.bin", self.state_dir / f"x_q.{i:03d}.bin"
+
+    def _read_state(self) -> dict[str, Any] | None:
+        path = self.state_dir / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
+        if not isinstance(state, dict):
+            raise damaged(path, "not a mapping")
+        if state.get("fingerprint") != json.loads(json.dumps(self.fingerprint, default=str)):
+            raise EqatInputError(
+                f"{self.state_dir} holds an unfinished run with different settings; re-run with the same "
+                "settings to resume, or pass --force to start over."
+            )
+        if not isinstance(state.get("next_block"), int) or not isinstance(state.get("records"), list):
+            raise damaged(path, "no next_block or records")
+        return state
+
+    def _save_kwargs(self, kw: dict[str, Any]) -> None:
+        """Block 0's keyword arguments; those a resume state cannot hold are rebuilt on resume."""
+        keep = {k: v for k, v in kw.items() if storable(v)}
+        save_state(self.state_dir, KWARGS, self.fingerprint, {"kwargs": keep, "rebuild": sorted(set(kw) - set(keep))})
+
+    def _load_kwargs(self, calib: torch.Tensor) -> dict[str, Any]:
+        saved = load_state(self.state_dir, KWARGS, self.fingerprint, "an unfinished run")
+        if saved is None:
+            raise damaged(self.state_dir / f"{KWARGS}.json", "the file is missing")
+        kw = saved["kwargs"]
+        if saved["rebuild"]:
+            fresh = self._capture(calib, None)
+            kw.update({k: fresh[k] for k in saved["rebuild"]})
+        return kw
+
+    def _write_state(self, next_block: int, shape: tuple[int, int, int]) -> None:
+        state = {
+            "fingerprint": self.fingerprint, "next_block": next_block, "num_blocks": len(self.blocks),
+            "shape": list(shape), "records": [asdict(r) for r in self.records],
+        }
+        tmp = self.state_dir / (STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, default=str))
+        os.replace(tmp, self.state_dir / STATE)
+
+    def _open_stream(self, path: Path, shape: tuple[int, int, int]) -> ActivationStream:
+        try:
+            return ActivationStream.open(path, shape, self.act_dtype, self.config.offload)
+        except FileNotFoundError as e:
+            raise damaged(path, str(e)) from e
+
+    def _save_block(self, i: int) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}
+        tmp = self.state_dir / f"block_{i:03d}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.state_dir / f"block_{i:03d}.safetensors")
+
+    def _load_block(self, i: int) -> None:
+        block = self.blocks[i]
+        for name, lin in block_linears(block).items():
+            q = QuantLinear(lin.in_features, lin.out_features, self.scheme, bias=lin.bias is not None,
+                            dtype=self.storage_dtype)
+            replace_module(block, name, q)
+        path = self.state_dir / f"block_{i:03d}.safetensors"
+        try:
+            block.load_state_dict(load_file(str(path)), strict=True)
+        except (OSError, SafetensorError, RuntimeError) as e:
+            raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
+
+    # ---- one block ----------------------------------------------------------------------
+    def _loss(self, block: nn.Module, xs: ActivationStream, ys: ActivationStream, idx: range, kw) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in range(idx.start, idx.stop, self.config.batch_size):
+                b = slice(s, min(s + self.config.batch_size, idx.stop))
+                out = run_block(block, xs[b].to(self.device, torch.float32), kw)
+                per_token = recon_loss(out, ys[b].to(self.device, torch.float32), self.config.loss)
+                total += float(per_token.sum())
+                count += per_token.numel()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def _apply(self, block: nn.Module, src: ActivationStream, dst: ActivationStream, kw) -> None:
+        """dst = block(src), batch by batch."""
+        n, bs = src.shape[0], self.config.batch_size
+        for s in range(0, n, bs):
+            dst[s : s + bs] = run_block(block, src[s : s + bs].to(self.device, torch.float32), kw).cpu()
+
+    def _train(self, i: int, block: nn.Module, xq: ActivationStream, yfp: ActivationStream, n_train: int, kw,
+               autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0) -> tuple[list[float], int]:
+        cfg = self.config
+        weights, qparams = trainable_groups(block)
+        opt = torch.optim.AdamW(
+            [{"params": weights, "lr": cfg.weight_lr(self.scheme.bits) * lr_scale},
+             {"params": qparams, "lr": cfg.lr_quant * lr_scale}],
+            weight_decay=cfg.weight_decay,
+        )
+        per_epoch = math.ceil(n_train / cfg.batch_size)
+        total = cfg.epochs * per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / max(total, 1)))
+        )
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        losses: list[float] = []
+        bar = tqdm(total=total, desc=f"block {i + 1}/{len(self.blocks)}", unit="step", leave=False,
+                   disable=not self.progress)
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n_train, generator=gen)
+            for s in range(0, n_train, cfg.batch_size):
+                idx = perm[s : s + cfg.batch_size]
+                x = xq[idx].to(self.device, torch.float32)
+                y = yfp[idx].to(self.device, torch.float32)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = run_block(block, x, kw)
+                loss = recon_loss(out, y, cfg.loss).mean()
+                step = bar.n
+                opt.zero_grad(set_to_none=True)
+                try:
+                    ok = guard.loss_ok(step, loss.item())
+                    if ok:
+                        loss.backward()
+                        ok = guard.grads_ok(step, weights + qparams)
+                except NonFiniteRun:
+                    bar.close()
+                    raise
+                if ok:
+                    opt.step()
+                    guard.good_step()
+                    losses.append(loss.item())
+                sched.step()
+                bar.update()
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.3g}", skipped=guard.skipped)
+        bar.close()
+        return losses, total
+
+    def _block(self, i: int, xfp: ActivationStream, xq: ActivationStream, kw, n_train: int) -> tuple[ActivationStream, ActivationStream]:
+        cfg = self.config
+        n, t, h = xfp.shape
+        t0 = time.perf_counter()
+        block = self.blocks[i].to(self.device)
+        p_fp, p_q = self._paths(i + 1)
+        yfp = ActivationStream.create(p_fp, (n, t, h), self.act_dtype, cfg.offload)
+        self._apply(block, xfp, yfp, kw)
+        val = range(n_train, n) if n > n_train else range(0, n_train)
+        backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
+        precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+        guard = NonFiniteGuard(f"Block-AP block {i}")
+        restarts, lr_scale = 0, 1.0
+        while True:
+            wrap_block(block, self.scheme)
+            init_loss = self._loss(block, xq, yfp, val, kw)
+            try:
+                losses, steps = self._train(i, block, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale)
+                break
+            except NonFiniteRun as e:
+                self.blocks[i] = block = copy.deepcopy(backup)
+                guard.consecutive = 0
+                if precision != "fp32":  # low-precision overflow (the reference implementation's known failure)
+                    precision = "fp32"
+                    continue
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise EqatError(f"{e}, after {MAX_RESTARTS} restarts at half the learning rate each; blocks 0-{i - 1} "
+                                    "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
+                                    "or --act-dtype float32.") from e
+                lr_scale /= 2
+        freeze_block(block, self.storage_dtype)
+        final_loss = self._loss(block, xq, yfp, val, kw)
+        self._check_finite(i, block, final_loss)
+        at_limit, n_scales = scales_at_limits(block)
+        xq_next = ActivationStream.create(p_q, (n, t, h), self.act_dtype, cfg.offload)
+        self._apply(block, xq, xq_next, kw)
+        self.blocks[i] = block.to("cpu")
+        rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
+                          losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
+                          guard.skipped, restarts, lr_scale, at_limit, n_scales)
+        self.records.append(rec)
+        return yfp, xq_next
+
+    def _check_finite(self, i: int, block: nn.Module, loss: float) -> None:
+        """Stop (EqatError, exit 1) before saving block i when its packed form is broken."""
+        bad = nonfinite_tensors(block)
+        if bad or not math.isfinite(loss):
+            what = f"stored tensors {bad[:4]} are not finite" if bad else f"its held-out loss after packing is {loss}"
+            raise EqatError(f"Block-AP block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
+                            "--lr-quant (the run resumes at this block), or --force to start over.")
+
+    # ---- the whole model ----------------------------------------------------------------
+    def run(self, calib: torch.Tensor) -> list[BlockRecord]:
+        """Train every block on `calib` (LongTensor [n, T]; the last `val_samples` rows are held out)."""
+        cfg = self.config
+        n, t = calib.shape
+        h = self.model.config.hidden_size
+        n_train = n - cfg.val_samples if n > cfg.val_samples else n
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self._read_state()
+        if state is None:
+            xfp = ActivationStream.create(self._paths(0)[0], (n, t, h), self.act_dtype, cfg.offload)
+            kw = self._capture(calib, xfp)
+            xfp.save()
+            self._save_kwargs(kw)
+            xq = ActivationStream.create(self._paths(0)[1], (n, t, h), self.act_dtype, cfg.offload)
+            xq.data.copy_(xfp.data)
+            xq.save()
+            start = 0
+            self._write_state(0, (n, t, h))
+        else:
+            start = int(state["next_block"])
+            try:
+                self.records = [BlockRecord(**r) for r in state["records"]]
+            except TypeError as e:
+                raise damaged(self.state_dir / STATE, f"bad block records: {e}") from e
+            for j in range(start):
+                self._load_block(j)
+            kw = self._load_kwargs(calib)
+            xfp, xq = (self._open_stream(p, (n, t, h)) for p in self._paths(start))
+        kw = {k: _to(v, self.device) for k, v in kw.items()}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for i in range(start, len(self.blocks)):
+            xfp_next, xq_next = self._block(i, xfp, xq, kw, n_train)
+            self._save_block(i)
+            xfp_next.save()
+            xq_next.save()
+            self._write_state(i + 1, (n, t, h))
+            for old in self._paths(i):
+                old.unlink(missing_ok=True)
+            xfp.release(), xq.release()
+            xfp, xq = xfp_next, xq_next
+            if self.on_block:
+                self.on_block(self.records[-1])
+        return self.records

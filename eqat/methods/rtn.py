@@ -1,0 +1,56 @@
+"""Round-to-nearest: min/max scales and zero-points per group, no data. The baseline, and
+the initialiser every trained method starts from."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from eqat.models.arch import quantizable_linears
+from eqat.core.qlinear import QuantLinear
+from eqat.core.quantizer import dequantize_codes
+from eqat.core.scheme import QuantScheme
+
+
+def check_scheme(model: nn.Module, scheme: QuantScheme) -> dict[str, nn.Linear]:
+    """Validate `scheme` against every quantizable Linear before anything is changed."""
+    linears = quantizable_linears(model)
+    for name, lin in linears.items():
+        scheme.check_layer(name, lin.in_features)
+    return linears
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def relative_error(weight: torch.Tensor, layer: QuantLinear) -> float:
+    """||W - W_hat||^2 / ||W||^2 of one layer."""
+    w = weight.detach().float()
+    w_hat = dequantize_codes(layer.codes(), layer.scales, layer.zeros)
+    return float(((w - w_hat) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def quantize_rtn(
+    model: nn.Module,
+    scheme: QuantScheme,
+    dtype: torch.dtype = torch.float16,
+    on_layer: Callable[[str, float], None] | None = None,
+) -> dict[str, float]:
+    """Replace every block Linear of `model` by a round-to-nearest QuantLinear, in place.
+
+    Returns the relative weight error of each layer by name; `on_layer(name, error)` is called
+    after each layer (progress reporting belongs to the caller).
+    """
+    errors = {}
+    for name, lin in check_scheme(model, scheme).items():
+        q = QuantLinear.from_linear(lin, scheme, dtype=dtype)
+        errors[name] = relative_error(lin.weight, q)
+        replace_module(model, name, q)
+        if on_layer:
+            on_layer(name, errors[name])
+    return errors

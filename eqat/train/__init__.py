@@ -1,1 +1,0 @@
-"""Quantization methods. Each takes (model, scheme, options) and leaves QuantLinear modules in place."""

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from eqat.errors import EqatError, EqatInputError
+from eqat.core.qlinear import QuantLinear
+from eqat.core.scheme import QuantScheme
+from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer
+from eqat.methods.rtn import quantize_rtn
+from tests.conftest import tiny_model
+
+SCHEME = QuantScheme(2, 32)
+
+
+def calib(n=12, t=32, vocab=320, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=4, lr_weight=1e-3, lr_quant=1e-3, val_samples=4, act_dtype="float32")
+    return BlockAPConfig(**{**base, **kw})
+
+
+def train(tmp_path, family="llama", config=None, name="run", **kw):
+    model = tiny_model(family)
+    trainer = BlockAPTrainer(model, SCHEME, config or cfg(), tmp_path / name, progress=False, fingerprint={"t": 1}, **kw)
+    return model, trainer.run(calib())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_training_lowers_every_blocks_loss_and_packs(tmp_path, family):
+    model, records = train(tmp_path, family)
+    assert [r.block for r in records] == [0, 1]
+    for r in records:
+        assert r.final_loss < r.init_loss, r
+        assert r.steps == 3 * 2 and len(r.train_losses) == 6
+    qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qlinears) == 2 * 7 and all(q.scheme == SCHEME for q in qlinears)
+    assert all(q.scales.dtype == torch.float16 for q in qlinears)
+
+
+def test_block_ap_beats_rtn_on_model_output(tmp_path):
+    x = calib(4, 32, seed=7)
+    fp = tiny_model()
+    with torch.no_grad():
+        ref = fp(x).logits
+    rtn = tiny_model()
+    quantize_rtn(rtn, SCHEME)
+    trained, _ = train(tmp_path, config=cfg(epochs=10))
+    with torch.no_grad():
+        err_rtn = (rtn(x).logits - ref).pow(2).mean()
+        err_bap = (trained(x).logits - ref).pow(2).mean()
+    assert err_bap < 0.8 * err_rtn, (err_bap, err_rtn)
+
+
+class Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_resume_after_kill_gives_the_same_model(tmp_path, offload):
+    config = cfg(offload=offload, act_dtype="bfloat16")
+    ref, ref_records = train(tmp_path, config=config, name="ref")
+
+    def die(rec):
+        raise Kill
+
+    with pytest.raises(Kill):
+        train(tmp_path, config=config, name="killed", on_block=die)
+    state = (tmp_path / "killed" / "state.json").read_text()
+    assert '"next_block": 1' in state
+    resumed, records = train(tmp_path, config=config, name="killed")
+    assert [r.block for r in records] == [0, 1]
+    assert records[1].final_loss == ref_records[1].final_loss
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_disk_offload_matches_memory(tmp_path):
+    m1, r1 = train(tmp_path, config=cfg(offload="cpu"), name="a")
+    m2, r2 = train(tmp_path, config=cfg(offload="disk"), name="b")
+    assert [r.final_loss for r in r1] == [r.final_loss for r in r2]
+    assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    def die(rec):
+        raise Kill
+
+    with pytest.raises(Kill):
+        train(tmp_path, name="s", on_block=die)
+    model = tiny_model()
+    other = BlockAPTrainer(model, SCHEME, cfg(), tmp_path / "s", progress=False, fingerprint={"t": 2})
+    with pytest.raises(EqatInputError, match="different settings"):
+        other.run(calib())
+
+
+def test_divergence_names_the_block(tmp_path):
+    with pytest.raises(EqatError, match="Block-AP block 0: non-finite .* after 2 restarts"):
+        train(tmp_path, config=cfg(lr_weight=1e30, lr_quant=1e30, epochs=4))
+
+
+def test_bad_options_are_input_errors(tmp_path):
+    for bad in (dict(offload="tape"), dict(act_dtype="int8"), dict(batch_size=0), dict(loss="l1")):
+        with pytest.raises(EqatInputError):
+            BlockAPTrainer(tiny_model(), SCHEME, cfg(**bad), tmp_path / "x")
+    with pytest.raises(EqatInputError, match="in_features=64"):
+        BlockAPTrainer(tiny_model(), QuantScheme(4, 48), cfg(), tmp_path / "y")
+
+
+def test_relative_loss_weighs_tokens_equally():
+    from eqat.engine.blockwise import recon_loss
+
+    y = torch.ones(1, 3, 4)
+    y[0, 0] *= 1000.0  # an "attention sink" token with a massive activation
+    out = y * 1.1  # 10% error on every token
+    mse, rel = recon_loss(out, y, "mse"), recon_loss(out, y, "relative")
+    assert mse[0, 0] > 1e5 * mse[0, 1]
+    assert torch.allclose(rel, torch.full((1, 3), 0.01))
+
+
+def test_relative_loss_trains_and_is_recorded(tmp_path):
+    _, records = train(tmp_path, config=cfg(loss="relative"))
+    # relative per-token errors: well below 1; training lowers the training loss of every block
+    assert all(0 < r.final_loss < 1 and 0 < r.init_loss < 1 for r in records)
+    assert all(r.train_losses[-1] < 0.8 * r.train_losses[0] for r in records)
+    assert records[0].final_loss < records[0].init_loss
