@@ -84,7 +84,7 @@ def dequantize_gptq_model(model: torch.nn.Module) -> float:
     """Replace GPTQModel's packed linears by float32 nn.Linear holding its own dequantized
     weights (`dequantize_weight()` is [K, N]); returns the largest logit difference between the
     fp16 packed model and the fp32 result on a short input, as a check."""
-    from eqat.methods.rtn import replace_module
+    from eqat.models.arch import replace_module
 
     x = torch.arange(1, 65)[None]
     before = model(x).logits.float()

@@ -20,10 +20,10 @@ _LAZY = {
     "save_quantized": "eqat.io.checkpoint",
     "load_quantized": "eqat.io.checkpoint",
     "perplexity": "eqat.data.evaluate",
-    "BlockAPConfig": "eqat.engine.blockwise",
-    "BlockAPTrainer": "eqat.engine.blockwise",
-    "E2EQPConfig": "eqat.engine.end2end",
-    "E2EQPTrainer": "eqat.engine.end2end",
+    "BlockAPConfig": "eqat.methods.block_ap",
+    "BlockAPTrainer": "eqat.methods.block_ap",
+    "E2EQPConfig": "eqat.methods.e2e_qp",
+    "E2EQPTrainer": "eqat.methods.e2e_qp",
 }
 
 __all__ = ["__version__", "QuantScheme", "EqatError", "EqatInputError", *_LAZY]

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a run failed or a check failed, 2 bad input (the message say
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -18,10 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from eqat.cliconfig import apply_config, save_config
+from eqat.cliflags import Flag, apply, command_with, flags_of, merge
 from eqat.errors import EqatError, EqatInputError
-from eqat.pipeline import CalibOptions
-from eqat.engine.blockwise import BlockAPConfig
-from eqat.engine.end2end import E2EQPConfig
+from eqat.pipeline import FOREIGN_HELP, CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -29,7 +29,6 @@ app = typer.Typer(
     help="eqat: low-bit weight-only LLM quantization (EfficientQAT) and export to real runtimes.",
 )
 err = Console(stderr=True)
-_CALIB, _BAP, _E2E = CalibOptions(), BlockAPConfig(), E2EQPConfig()  # defaults come from the option dataclasses
 out = Console()
 _json_stdout: list = []  # the real stdout while a --json run sends everything else to stderr
 
@@ -38,38 +37,39 @@ def emit_json(obj: object) -> None:
     """Print `obj` as JSON on the real stdout (in --json mode, the only thing written there)."""
     Console(file=_json_stdout[-1] if _json_stdout else sys.stdout).print_json(json.dumps(obj, default=str))
 
-FORCE = typer.Option(False, help="Discard an existing output folder that eqat wrote (finished or not) and start over.")
-REPLACE_FOREIGN = typer.Option(False, "--replace-foreign",
-                               help="With --force: also replace a non-empty folder eqat did not write. The current folder, "
-                                    "the home folder and the run's inputs are never replaced.")
+REPLACE_FOREIGN = typer.Option(False, "--replace-foreign", help=FOREIGN_HELP)
 CONFIG = typer.Option(None, "--config", "-c", callback=apply_config, is_eager=True, expose_value=True,
                       help="YAML file of this command's options, keyed by parameter name (e.g. `max_windows: 8`, "
                            "`evaluate: false`; docs/cli.md lists the keys); flags given here win. Every run writes the options it used to <output>/eqat_<command>.yaml.")
-
-# E2E-QP options, shared by `quantize` and `train-e2e`
-E2E_DATA = typer.Option(_E2E.data, "--e2e-data", help="E2E-QP training text: c4, a .txt/.jsonl path; a .jsonl with prompt/response fields trains on the responses only.")
-E2E_NSAMPLES = typer.Option(_E2E.nsamples, "--e2e-nsamples", help="E2E-QP training sequences.")
-E2E_VAL = typer.Option(_E2E.val_samples, "--e2e-val-samples", help="Held-out sequences of the same text, scored before and after E2E-QP.")
-E2E_SEQLEN = typer.Option(_E2E.seqlen, "--e2e-seqlen", help="E2E-QP sequence length in tokens.")
-E2E_EPOCHS = typer.Option(_E2E.epochs, "--e2e-epochs", help="Epochs over the E2E-QP sequences.")
-E2E_STEPS = typer.Option(None, "--e2e-steps", help="Optimizer steps (overrides --e2e-epochs).")
-E2E_LR = typer.Option(None, "--e2e-lr", help="Learning rate of the scales; default 1e-3 at 2 bits, 5e-4 at 3/4/8 (docs/e2e-qp.md).")
-E2E_BATCH = typer.Option(_E2E.batch_size, "--e2e-batch-size", help="Sequences per forward pass.")
-E2E_ACCUM = typer.Option(_E2E.grad_accum, "--e2e-grad-accum", help="Forward passes per optimizer step.")
-E2E_SCHED = typer.Option(_E2E.schedule, "--e2e-schedule", help="Learning-rate schedule after warm-up: cosine or constant.")
-E2E_WARMUP = typer.Option(_E2E.warmup_ratio, "--e2e-warmup", help="Warm-up as a fraction of the steps.")
-E2E_CLIP = typer.Option(_E2E.max_grad_norm, "--e2e-max-grad-norm", help="Gradient-norm clip (0 = none).")
-E2E_ZEROS = typer.Option(False, "--e2e-train-zeros", help="Also train the zero-points (kept on the integer grid).")
-E2E_CKPT = typer.Option(False, "--grad-checkpointing", help="Recompute each block in the backward (less memory, ~1.3x time).")
-E2E_SAVE = typer.Option(_E2E.save_every, "--e2e-save-every", help="Write the resumable E2E-QP state every this many steps.")
-E2E_PROMPT = typer.Option(_E2E.prompt_format, "--prompt-format", help="Instruction data: plain (prompt + response) or chat (the tokenizer's chat template).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+JSON = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
 
 
-def _e2e_config(data, nsamples, val, seqlen, epochs, steps, lr, batch, accum, sched, warmup, clip, zeros, ckpt, prompt,
-                save) -> E2EQPConfig:
-    return E2EQPConfig(data=data, nsamples=nsamples, val_samples=val, seqlen=seqlen, epochs=epochs, max_steps=steps, lr=lr,
-                       batch_size=batch, grad_accum=accum, schedule=sched, warmup_ratio=warmup, max_grad_norm=clip,
-                       train_zeros=zeros, grad_checkpointing=ckpt, prompt_format=prompt, save_every=save)
+def method_flags(phases: tuple[str, ...]) -> list[Flag]:
+    """Flags of the registered methods of `phases`: each engine's own fields once (they set that field
+    in every method of the phase; `--e2e-` for the end-to-end engine), then each method's own fields
+    (`--<cli_prefix><field>`)."""
+    from eqat.methods.base import ENGINE_CONFIG, ENGINE_PREFIX, registered_methods
+
+    flags: list[Flag] = []
+    for phase in phases:
+        methods = {n: m for n, m in registered_methods().items() if m.phase == phase}
+        engine = ENGINE_CONFIG.get(phase)
+        engine_fields = {f.name for f in dataclasses.fields(engine)} if engine else set()
+        if engine and methods:
+            for f in flags_of(engine, "", ENGINE_PREFIX[phase], note=f"{phase} methods"):
+                f.targets = [(n, f.targets[0][1]) for n in methods]
+                flags.append(f)
+        for n, m in methods.items():
+            flags += flags_of(m.config, n, m.cli_prefix, note=n, only=lambda f: f.name not in engine_fields)
+    return merge(flags)
+
+
+def method_configs() -> dict:
+    """A default config for every registered method, by name (the flags write into them)."""
+    from eqat.methods.base import registered_methods
+
+    return {n: m.config() for n, m in registered_methods().items()}
 
 
 def _print_e2e(section: dict) -> None:
@@ -96,70 +96,36 @@ def _fmt_ppl(r: Optional[dict]) -> str:
     return "-" if not r else f"{r['ppl']:.2f}"
 
 
-@app.command(epilog="Examples:\n\n  eqat quantize                       # SmolLM2 (embedded), Block-AP w4g64, perplexity\n\n"
-             "  eqat quantize --scheme w2g64 --max-windows 8 --out out/w2\n\n"
-             "  eqat quantize --method rtn --model ./Llama-3.2-1B --bits 3 --group-size 128 --no-eval\n\n"
-             "  eqat quantize --model ./Qwen2.5-7B --device cuda --nsamples 4096 --calib-seqlen 2048 --offload disk\n\n"
-             "Re-running a killed Block-AP command resumes at the first unfinished block.")
+def _quantize_flags() -> list[Flag]:
+    from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, plan_help
+
+    top = flags_of(QuantizeOptions, "top")
+    top[[f.param for f in top].index("method")].help += f" Registered: {plan_help()}."
+    return merge(top + flags_of(EvalOptions, "eval", rename={"data": "eval_data"})
+                 + flags_of(CalibOptions, "calib", rename={"data": "calib_data", "seqlen": "calib_seqlen"})
+                 + method_flags((DATA_FREE, BLOCKWISE, END_TO_END)))
+
+
+QUANTIZE_FLAGS = _quantize_flags()
+
+
 def quantize(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct."),
-    method: str = typer.Option("block-ap", help="Quantization method: block-ap (EfficientQAT phase 1) or rtn."),
     scheme: Optional[str] = typer.Option(None, help="Short scheme name, e.g. w4g64, w2g-1, w4g128sym (overrides --bits/--group-size/--symmetric)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(64, help="Input channels per scale/zero-point group; -1 = per output channel."),
     symmetric: bool = typer.Option(False, help="Fix the zero-point at 2^(bits-1) (GPTQ sym=True)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default eqat-out/<model>-<scheme>-<method>."),
-    dtype: str = typer.Option("float16", help="Storage dtype of scales and zero-points: float16 or bfloat16."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity before and after quantizing."),
-    eval_data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
-    seqlen: int = typer.Option(2048, help="Evaluation window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (bounds CPU time)."),
-    calib_data: str = typer.Option(_CALIB.data, help="Calibration text (block-ap): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path."),
-    nsamples: int = typer.Option(_CALIB.nsamples, help="Calibration windows to train on (block-ap)."),
-    calib_seqlen: int = typer.Option(_CALIB.seqlen, help="Calibration window length in tokens (block-ap)."),
-    val_samples: int = typer.Option(_BAP.val_samples, help="Further windows held out to measure each block's loss (block-ap)."),
-    epochs: int = typer.Option(_BAP.epochs, help="Epochs over the calibration windows per block (block-ap)."),
-    batch_size: int = typer.Option(_BAP.batch_size, help="Windows per step (block-ap)."),
-    lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate (block-ap); default depends on bits, see docs/block-ap.md."),
-    lr_quant: float = typer.Option(_BAP.lr_quant, help="Learning rate of scales and zero-points (block-ap)."),
-    loss: str = typer.Option(_BAP.loss, help="Block reconstruction loss (block-ap): mse (the paper) or relative (per-token, robust to massive activations)."),
-    offload: str = typer.Option(_BAP.offload, help="Where block activations live (block-ap): cpu (memory) or disk (memory-mapped files)."),
-    act_dtype: str = typer.Option(_BAP.act_dtype, help="dtype of stored activations (block-ap): bfloat16, float16, float32."),
-    seed: int = typer.Option(_CALIB.seed, help="Seed for calibration sampling and shuffling."),
-    skip_e2e: bool = typer.Option(False, "--skip-e2e", help="Stop after Block-AP (no E2E-QP phase)."),
-    e2e_data: str = E2E_DATA, e2e_nsamples: int = E2E_NSAMPLES, e2e_val_samples: int = E2E_VAL,
-    e2e_seqlen: int = E2E_SEQLEN, e2e_epochs: int = E2E_EPOCHS, e2e_steps: Optional[int] = E2E_STEPS,
-    e2e_lr: Optional[float] = E2E_LR, e2e_batch_size: int = E2E_BATCH, e2e_grad_accum: int = E2E_ACCUM,
-    e2e_schedule: str = E2E_SCHED, e2e_warmup: float = E2E_WARMUP, e2e_max_grad_norm: float = E2E_CLIP,
-    e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
-    e2e_save_every: int = E2E_SAVE,
-    force: bool = FORCE, replace_foreign: bool = REPLACE_FOREIGN,
-    allow_unquantized: bool = typer.Option(False, "--allow-unquantized", help="Go on when more than 10% of the decoder "
-                                           "blocks' weight matrices would stay in full precision (e.g. fused MoE experts, "
-                                           "which are not nn.Linear); report.json records the share."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = QUIET,
+    json_out: bool = JSON,
+    **flags,
 ) -> None:
     """Quantize a model (Block-AP then E2E-QP by default) and save an eqat checkpoint (with report.json and plots)."""
-    from eqat.pipeline import CalibOptions, EvalOptions, QuantizeOptions, quantize_run
-    from eqat.engine.blockwise import BlockAPConfig
+    from eqat.pipeline import quantize_run
 
-    opts = QuantizeOptions(
-        model=model, method=method, scheme=_scheme(scheme, bits, group_size, symmetric),
-        out=str(out_dir) if out_dir else None, dtype=dtype, device=device, force=force,
-        replace_foreign=replace_foreign, evaluate=evaluate,
-        eval=EvalOptions(eval_data, seqlen, max_windows), calib=CalibOptions(calib_data, nsamples, calib_seqlen, seed),
-        block_ap=BlockAPConfig(epochs=epochs, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
-                               val_samples=val_samples, loss=loss, act_dtype=act_dtype, offload=offload),
-        skip_e2e=skip_e2e,
-        e2e=_e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
-                        e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
-                        prompt_format, e2e_save_every),
-        progress=not quiet, allow_unquantized=allow_unquantized,
-    )
+    opts = QuantizeOptions(scheme=_scheme(scheme, bits, group_size, symmetric), progress=not quiet,
+                           configs=method_configs())
+    apply(QUANTIZE_FLAGS, flags, {"top": opts, "eval": opts.eval, "calib": opts.calib, **opts.configs})
     report = quantize_run(opts)
     save_config(ctx, report["output"])
     _print_warnings(report)
@@ -174,7 +140,8 @@ def quantize(
     ev = report.get("perplexity") or {}
     win = f"{ev.get('windows', '-')} x {ev.get('seqlen', '-')}" if ev else "-"
     t.add_row("unquantized", f"{report['fp_size_bytes'] / 1e6:.1f}", _fmt_ppl(report.get("fp_perplexity")), win)
-    t.add_row(f"{opts.method}{'+e2e-qp' if opts.runs_e2e else ''} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}", _fmt_ppl(ev or None), win)
+    t.add_row(f"{'+'.join(report['options']['plan'])} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}",
+              _fmt_ppl(ev or None), win)
     out.print(t)
     if report.get("blocks"):
         bt = Table(title="Block-AP: block output MSE on held-out windows")
@@ -195,24 +162,34 @@ def quantize(
               f"report: {report['output']}/report.json")
 
 
-@app.command("eval", epilog="Examples:\n\n  eqat eval                              # the embedded SmolLM2, unquantized\n\n"
-             "  eqat eval eqat-out/SmolLM2-135M-Instruct-w4g64-rtn --max-windows 8")
+app.command(epilog="Examples:\n\n  eqat quantize                       # SmolLM2 (embedded), Block-AP + E2E-QP w4g64, perplexity\n\n"
+            "  eqat quantize --scheme w2g64 --max-windows 8 --out out/w2\n\n"
+            "  eqat quantize --method block-ap --scheme w3g64   # Block-AP only (same as --skip-e2e)\n\n"
+            "  eqat quantize --method rtn --model ./Llama-3.2-1B --bits 3 --group-size 128 --no-eval\n\n"
+            "  eqat quantize --model ./Qwen2.5-7B --device cuda --nsamples 4096 --calib-seqlen 2048 --offload disk\n\n"
+            "Re-running a killed command resumes: Block-AP at the first unfinished block, E2E-QP at its last saved step.")(
+    command_with(quantize, QUANTIZE_FLAGS))
+
+
+EVAL_FLAGS = flags_of(EvalOptions, "eval")
+
+
 def eval_cmd(
     config: Optional[str] = CONFIG,
     model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2."),
-    data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
-    seqlen: int = typer.Option(2048, help="Window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     report: Optional[Path] = typer.Option(None, help="Also write the result as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    **flags,
 ) -> None:
     """Perplexity with the standard protocol (non-overlapping windows, mean token NLL)."""
     from eqat.io.report import write_json
-    from eqat.pipeline import EvalOptions, eval_run
+    from eqat.pipeline import eval_run
 
-    result = eval_run(model, EvalOptions(data, seqlen, max_windows), device=device, progress=not quiet)
+    ev = EvalOptions()
+    apply(EVAL_FLAGS, flags, {"eval": ev})
+    result = eval_run(model, ev, device=device, progress=not quiet)
     if report:
         write_json(report, result)
     if json_out:
@@ -225,41 +202,28 @@ def eval_cmd(
                         "model is broken (a checkpoint from a diverged run?).")
 
 
-@app.command("train-e2e", epilog="Examples:\n\n  eqat train-e2e eqat-out/SmolLM2-135M-Instruct-w2g64-block-ap --max-windows 8\n\n"
-             "  eqat train-e2e ckpt --e2e-data sft.jsonl --prompt-format chat --e2e-steps 200 --out ckpt-sft\n\n"
-             "Re-running a killed command resumes from the last saved step.")
+app.command("eval", epilog="Examples:\n\n  eqat eval                              # the embedded SmolLM2, unquantized\n\n"
+            "  eqat eval eqat-out/SmolLM2-135M-Instruct-w4g64-rtn --max-windows 8")(command_with(eval_cmd, EVAL_FLAGS))
+
+
+TRAIN_E2E_FLAGS = merge(flags_of(TrainE2EOptions, "top") + flags_of(EvalOptions, "eval", rename={"data": "eval_data"})
+                        + method_flags(("end-to-end",)))
+
+
 def train_e2e(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
     checkpoint: Path = typer.Argument(..., help="eqat checkpoint folder (from `eqat quantize`)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default <checkpoint>-e2e."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity before and after."),
-    eval_data: str = typer.Option("wikitext2", help="Evaluation text: wikitext2, c4, a .txt/.jsonl path, ..."),
-    seqlen: int = typer.Option(2048, help="Evaluation window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (bounds CPU time)."),
-    e2e_data: str = E2E_DATA, e2e_nsamples: int = E2E_NSAMPLES, e2e_val_samples: int = E2E_VAL,
-    e2e_seqlen: int = E2E_SEQLEN, e2e_epochs: int = E2E_EPOCHS, e2e_steps: Optional[int] = E2E_STEPS,
-    e2e_lr: Optional[float] = E2E_LR, e2e_batch_size: int = E2E_BATCH, e2e_grad_accum: int = E2E_ACCUM,
-    e2e_schedule: str = E2E_SCHED, e2e_warmup: float = E2E_WARMUP, e2e_max_grad_norm: float = E2E_CLIP,
-    e2e_train_zeros: bool = E2E_ZEROS, grad_checkpointing: bool = E2E_CKPT, prompt_format: str = E2E_PROMPT,
-    e2e_save_every: int = E2E_SAVE,
-    seed: int = typer.Option(_E2E.seed, help="Seed for sampling and shuffling the training sequences."),
-    force: bool = FORCE, replace_foreign: bool = REPLACE_FOREIGN,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = QUIET,
+    json_out: bool = JSON,
+    **flags,
 ) -> None:
-    """E2E-QP on an existing eqat checkpoint: train the scales end to end, codes unchanged."""
-    from eqat.pipeline import EvalOptions
-    from eqat.pipeline_e2e import TrainE2EOptions, train_e2e_run
+    """E2E-QP (or another end-to-end method) on an existing eqat checkpoint: codes unchanged."""
+    from eqat.pipeline import train_e2e_run
 
-    cfg = _e2e_config(e2e_data, e2e_nsamples, e2e_val_samples, e2e_seqlen, e2e_epochs, e2e_steps, e2e_lr, e2e_batch_size,
-                      e2e_grad_accum, e2e_schedule, e2e_warmup, e2e_max_grad_norm, e2e_train_zeros, grad_checkpointing,
-                      prompt_format, e2e_save_every)
-    cfg.seed = seed
-    report = train_e2e_run(TrainE2EOptions(str(checkpoint), str(out_dir) if out_dir else None, device, force,
-                                           replace_foreign, evaluate, EvalOptions(eval_data, seqlen, max_windows), cfg,
-                                           progress=not quiet))
+    opts = TrainE2EOptions(checkpoint=str(checkpoint), progress=not quiet, configs=method_configs())
+    apply(TRAIN_E2E_FLAGS, flags, {"top": opts, "eval": opts.eval, **opts.configs})
+    report = train_e2e_run(opts)
     save_config(ctx, report["output"])
     _print_warnings(report)
     if json_out:
@@ -268,8 +232,14 @@ def train_e2e(
         if report.get("perplexity"):
             out.print(f"perplexity {_fmt_ppl(report['perplexity_before'])} -> {_fmt_ppl(report['perplexity'])} "
                       f"({report['perplexity']['windows']} windows x {report['perplexity']['seqlen']})")
-        _print_e2e(report["e2e_qp"])
+        for m in report["options"]["methods"]:
+            _print_e2e(report[m.replace("-", "_")])
         out.print(f"saved {report['output']} in {report['total_seconds']:.1f} s; report: {report['output']}/report.json")
+
+
+app.command("train-e2e", epilog="Examples:\n\n  eqat train-e2e eqat-out/SmolLM2-135M-Instruct-w2g64-block-ap --max-windows 8\n\n"
+            "  eqat train-e2e ckpt --e2e-data sft.jsonl --prompt-format chat --e2e-steps 200 --out ckpt-sft\n\n"
+            "Re-running a killed command resumes from the last saved step.")(command_with(train_e2e, TRAIN_E2E_FLAGS))
 
 
 @app.command("export", epilog="Examples:\n\n  eqat export eqat-out/SmolLM2-135M-Instruct-w4g64-block-ap --format gptq --out smol-gptq\n\n"

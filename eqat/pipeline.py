@@ -1,49 +1,54 @@
-"""Whole runs behind the CLI: `quantize_run` and `eval_run`. Options in, report out.
+"""Whole runs behind the CLI: `quantize_run`, `train_e2e_run` and `eval_run`. Options in, report out.
 
-They validate every input before any heavy work or any write, show progress on stderr,
-and write the output folder atomically with its report (JSON) and plot inside.
+A quantize run follows a plan of methods (eqat.methods): one that makes the packed model (data-free
+RTN, or block-wise Block-AP on calibration windows), then any end-to-end methods (E2E-QP) on it.
+Every input is checked before any heavy work or write, progress goes to stderr, and the output
+folder is written atomically with report.json and plots inside. A killed run resumes: each trained
+phase keeps its state under `<out>/resume/`, keyed by a fingerprint of everything that shapes it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, quantized_modules, save_quantized
-from eqat.data.sources import eval_token_ids
-from eqat.errors import EqatInputError
+from eqat.core.options import option
+from eqat.core.scheme import QuantScheme
 from eqat.data.evaluate import perplexity
+from eqat.data.sources import eval_token_ids
 from eqat.engine.health import check_finite, check_perplexity, run_warnings
+from eqat.engine.state import fingerprint_of
+from eqat.errors import EqatInputError
+from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
+from eqat.io.report import environment, write_json
+from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method, get_method, parse_plan
 from eqat.models.loading import load_model, model_size_bytes, parse_dtype
-from eqat.io.report import environment, plot_block_losses, plot_layer_errors, write_json
-from eqat.core.scheme import QuantScheme
-from eqat.engine.blockwise import BlockAPConfig
-from eqat.pipeline_e2e import e2e_data_for, e2e_fingerprint, plot_e2e, run_e2e
-from eqat.engine.end2end import E2EQPConfig
+from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
 
-METHODS = ("block-ap", "rtn")
+DEFAULT_PLAN = "block-ap+e2e-qp"
 REPORT = "report.json"
-PLOT = "layer_error.png"
-BLOCK_PLOT = "block_loss.png"
-E2E_PLOT = "e2e_loss.png"
 RESUME = "resume"
+FORCE_HELP = "Discard an existing output folder that eqat wrote (finished or not) and start over."
+FOREIGN_HELP = ("With --force: also replace a non-empty folder eqat did not write. The current folder, the home folder "
+                "and the run's inputs are never replaced.")
 
 
 @dataclass
 class EvalOptions:
-    data: str = "wikitext2"
-    seqlen: int = 2048
-    max_windows: int | None = None
+    data: str = option("wikitext2", "Evaluation text: wikitext2, c4, a .txt/.jsonl path, ...")
+    seqlen: int = option(2048, "Evaluation window length in tokens.")
+    max_windows: int | None = option(None, "Evaluate at most this many windows (bounds CPU time).")
 
     def check(self) -> None:
         """Refuse --seqlen < 2 and --max-windows < 1 before any work (EqatInputError)."""
@@ -54,54 +59,64 @@ class EvalOptions:
 
 @dataclass
 class CalibOptions:
-    data: str = "c4"
-    nsamples: int = 64  # training windows; Block-AP holds out `val_samples` more
-    seqlen: int = 256
-    seed: int = 0
+    """Calibration windows of block-wise methods (which hold out `val_samples` more)."""
+
+    data: str = option("c4", "Calibration text (block-wise methods): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path.")
+    nsamples: int = option(64, "Calibration windows to train on (block-wise methods).")
+    seqlen: int = option(256, "Calibration window length in tokens (block-wise methods).")
+    seed: int = option(0, "Seed for calibration sampling and shuffling (every trained phase).")
 
 
 @dataclass
 class QuantizeOptions:
-    model: str | None = None  # None: the embedded default model
-    method: str = "block-ap"
-    scheme: QuantScheme = field(default_factory=QuantScheme)
-    out: str | None = None
-    dtype: str = "float16"  # storage dtype of scales and zero-points
-    device: str = "cpu"
-    force: bool = False
-    replace_foreign: bool = False  # with force: also replace a non-empty folder eqat did not write
-    evaluate: bool = True
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    calib: CalibOptions = field(default_factory=CalibOptions)
-    block_ap: BlockAPConfig = field(default_factory=BlockAPConfig)
-    skip_e2e: bool = False
-    e2e: E2EQPConfig = field(default_factory=E2EQPConfig)
-    progress: bool = True
-    allow_unquantized: bool = False  # go on when > 10% of the block matrices stay in full precision (eqat.models.coverage)
+    model: str | None = option(None, "Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct.",
+                               flags=("--model", "-m"), result=False)  # the fingerprint holds the resolved path
+    method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method, then any "
+                                       "end-to-end ones (block-ap+e2e-qp, block-ap, rtn, rtn+e2e-qp).", result=False)
+    scheme: QuantScheme = option(factory=QuantScheme, cli=False)
+    out: str | None = option(None, "Output folder; default eqat-out/<model>-<scheme>-<method>.", param="out_dir",
+                             flags=("--out", "-o"), result=False)
+    dtype: str = option("float16", "Storage dtype of scales and zero-points: float16 or bfloat16.")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto.")
+    force: bool = option(False, FORCE_HELP, result=False)
+    replace_foreign: bool = option(False, FOREIGN_HELP, result=False)
+    evaluate: bool = option(True, "Measure perplexity before and after quantizing.", flags=("--eval/--no-eval",),
+                            result=False)
+    eval: EvalOptions = option(factory=EvalOptions, cli=False, result=False)
+    calib: CalibOptions = option(factory=CalibOptions, cli=False)
+    skip_e2e: bool = option(False, "Stop after the first method of --method (drop its end-to-end methods).", result=False)
+    configs: dict = option(factory=dict, cli=False)  # method name -> its config; a missing one: the defaults
+    progress: bool = option(True, cli=False, result=False)
+    allow_unquantized: bool = option(False, "Go on when more than 10% of the decoder blocks' weight matrices would stay "
+                                            "in full precision (e.g. fused MoE experts, which are not nn.Linear); "
+                                            "report.json records the share.", result=False)
 
-    @property
-    def runs_e2e(self) -> bool:
-        return self.method == "block-ap" and not self.skip_e2e
+    def plan(self) -> list[Method]:
+        return parse_plan(self.method, self.skip_e2e)
+
+    def config_for(self, method: Method) -> Any:
+        return self.configs.setdefault(method.name, method.config())
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The options as recorded in report.json and run_config.json (the plan's configs only)."""
+        plan = self.plan()
+        d = {k: v for k, v in asdict(self).items() if k != "configs"}
         d["scheme"] = self.scheme.to_dict()
-        if self.method != "block-ap":
-            d.pop("calib"), d.pop("block_ap")
-        if not self.runs_e2e:
-            d.pop("e2e")
+        d["plan"] = [m.name for m in plan]
+        d["methods"] = {m.name: asdict(self.config_for(m)) for m in plan}
+        if plan[0].phase != BLOCKWISE:
+            d.pop("calib")
         return d
 
-    def fingerprint(self, model_path: Path) -> dict[str, Any]:
-        """What determines the Block-AP model: a resumed run must match it (E2E-QP options
-        may change between a killed run and its resume; they have their own fingerprint)."""
-        d = self.to_dict()
-        for k in ("out", "force", "replace_foreign", "evaluate", "eval", "progress", "model", "e2e", "skip_e2e",
-                  "allow_unquantized"):
-            d.pop(k, None)
-        d["model_path"] = str(model_path)
-        d["block_ap"].pop("offload", None)  # where activations live does not change the result
-        return d
+    def fingerprint(self, model_path: Path, upto: list[Method]) -> dict[str, Any]:
+        """What shapes the model after the phases `upto` (a prefix of the plan); a resumed phase must match it."""
+        fp = fingerprint_of(self)
+        fp.pop("configs"), fp.pop("calib")
+        fp["model_path"] = str(model_path)
+        if upto[0].phase == BLOCKWISE:
+            fp["calib"] = fingerprint_of(self.calib)
+        fp["methods"] = {m.name: fingerprint_of(self.config_for(m)) for m in upto}
+        return fp
 
 
 def resolve_model(model: str | None) -> Path:
@@ -136,9 +151,8 @@ def load_any(path: Path, device: str = "cpu"):
 def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     """Apply the output-folder rules before any work. Returns True when resuming.
 
-    A finished checkpoint is never replaced without --force; an unfinished resumable run
-    (Block-AP and/or E2E-QP state in `out/resume/`) is resumed when `resumable`; any other
-    existing folder is left alone unless --force.
+    A finished checkpoint is never replaced without --force; an unfinished resumable run (state in
+    `out/resume/`) is resumed when `resumable`; any other existing folder is left alone unless --force.
     """
     unfinished = (out / RESUME).is_dir() and any((out / RESUME).iterdir()) and not is_eqat_checkpoint(out)
     if out.exists() and force:
@@ -152,57 +166,60 @@ def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     return False
 
 
-def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
-    """Load, (evaluate,) quantize, (evaluate,) save. Returns the report that is also saved.
-    One run per output folder: a second one refuses while this holds the folder's lock."""
-    model_path = resolve_model(opts.model)
-    out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{opts.method}")
-    check_output(out, [model_path], opts.force, opts.replace_foreign)
-    with output_lock(out, "eqat quantize"):
-        return _quantize_run(opts, model_path, out)
-
-
-def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[str, Any]:
-    if opts.method not in METHODS:
-        raise EqatInputError(f"unknown method '{opts.method}'; available: {', '.join(METHODS)}.")
+def _check_quantize(opts: QuantizeOptions) -> tuple[list[Method], torch.dtype]:
+    """Every option checked before any work: the plan and each of its methods' configs."""
+    plan = opts.plan()
     opts.eval.check()
     storage = parse_dtype(opts.dtype)
     if storage == torch.float32:
         raise EqatInputError("scales are stored as float16 or bfloat16 (what runtimes read); use --dtype float16 or bfloat16.")
-    if opts.method == "block-ap":
-        opts.block_ap.storage_dtype = str(storage).removeprefix("torch.")
-        opts.block_ap.seed = opts.calib.seed
-        opts.block_ap.check()
-        opts.e2e.seed = opts.calib.seed
-        opts.e2e.check()
+    for m in plan:
+        cfg = opts.config_for(m)
+        if hasattr(cfg, "storage_dtype"):
+            cfg.storage_dtype = str(storage).removeprefix("torch.")
+        if hasattr(cfg, "seed"):
+            cfg.seed = opts.calib.seed
+        if hasattr(cfg, "check"):
+            cfg.check()
+    return plan, storage
+
+
+def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
+    """Load, (evaluate,) run the plan, (evaluate,) save. Returns the report that is also saved.
+    One run per output folder: a second one refuses while this holds the folder's lock."""
+    model_path = resolve_model(opts.model)
+    plan, storage = _check_quantize(opts)
+    name = "+".join(m.name for m in plan)
+    out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{name}")
+    check_output(out, [model_path], opts.force, opts.replace_foreign)
     device = resolve_device(opts.device)
+    with output_lock(out, "eqat quantize"):
+        return _quantize(opts, plan, storage, model_path, out, device)
+
+
+def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, model_path: Path, out: Path,
+              device: str) -> dict[str, Any]:
+    from eqat.models.arch import check_scheme
+    from eqat.models.coverage import check_coverage, coverage
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_path)
-    from eqat.models.coverage import check_coverage, coverage
-    from eqat.methods.rtn import check_scheme
-
     linears = check_scheme(model, opts.scheme)
     cov = coverage(model, linears)
     check_coverage(cov, opts.allow_unquantized)  # before any training or writing
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None
+    first, later = plan[0], plan[1:]
     calib = None
-    if opts.method == "block-ap":
+    if first.phase == BLOCKWISE:
         from eqat.data.sources import calibration_windows
 
-        c = opts.calib
-        calib = calibration_windows(tokenizer, c.data, c.nsamples + opts.block_ap.val_samples, c.seqlen, c.seed)
-    e2e_data = e2e_data_for(tokenizer, opts.e2e) if opts.runs_e2e else None
-    resuming = _prepare_output(out, opts.method == "block-ap", opts.force)
-    report: dict[str, Any] = {
-        "command": "quantize",
-        "options": opts.to_dict(),
-        "model_path": str(model_path),
-        "output": str(out),
-        "environment": environment(),
-        "fp_size_bytes": model_size_bytes(model),
-        "coverage": cov,
-    }
+        c, val = opts.calib, opts.config_for(first).val_samples
+        calib = calibration_windows(tokenizer, c.data, c.nsamples + val, c.seqlen, c.seed)
+    data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in later]
+    resuming = _prepare_output(out, any(m.phase != DATA_FREE for m in plan), opts.force)
+    report: dict[str, Any] = {"command": "quantize", "options": opts.to_dict(), "model_path": str(model_path),
+                              "output": str(out), "environment": environment(), "fp_size_bytes": model_size_bytes(model),
+                              "coverage": cov}
 
     def ppl(tag: str) -> dict[str, Any]:
         model.to(device)
@@ -211,17 +228,26 @@ def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[st
         return {**r.to_dict(), "data": opts.eval.data}
 
     if ids is not None:
-        report["fp_perplexity"] = _cached_fp_ppl(out, opts, resuming, lambda: ppl("fp"))
+        report["fp_perplexity"] = _cached_fp_ppl(out, opts.eval, resuming, len(plan) > 1 or first.phase != DATA_FREE,
+                                                 lambda: ppl("fp"))
     t_q = time.perf_counter()
-    if opts.method == "rtn":
-        errors = _run_rtn(model, opts, storage, len(linears))
+    if resuming:
+        report["resumed"] = True
+    cfg = opts.config_for(first)
+    if first.phase == DATA_FREE:
+        errors = run_data_free(model, first, cfg, opts.scheme, storage, opts.progress)
     else:
-        errors = _run_block_ap(model, opts, out, model_path, device, calib, report, resuming)
+        fp = opts.fingerprint(model_path, [first])
+        errors = run_blockwise(model, first, cfg, opts.scheme, out / RESUME, device, fp, calib, report, opts.progress)
+        report[first.name.replace("-", "_")]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
+                                                               "tokens": int(calib.numel())}
     report["quantize_seconds"] = time.perf_counter() - t_q
-    if opts.runs_e2e:
-        t_e = time.perf_counter()
-        fingerprint = {**opts.fingerprint(model_path), "e2e": e2e_fingerprint(opts.e2e)}
-        report["e2e_qp"] = run_e2e(model, opts.e2e, e2e_data, out / RESUME / "e2e", device, fingerprint, opts.progress)
+    t_e = time.perf_counter()
+    for k, (m, d) in enumerate(zip(later, data)):
+        fp = opts.fingerprint(model_path, plan[: k + 2])
+        report[m.name.replace("-", "_")] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
+                                                          device, fp, opts.progress)
+    if later:
         report["e2e_seconds"] = time.perf_counter() - t_e
     report["layer_relative_error"] = errors
     report["quantized_size_bytes"] = model_size_bytes(model)
@@ -235,72 +261,135 @@ def _quantize_run(opts: QuantizeOptions, model_path: Path, out: Path) -> dict[st
     def extras(folder: Path) -> None:
         write_json(folder / REPORT, report)
         write_json(folder / "run_config.json", opts.to_dict())
-        plot_layer_errors(errors, folder / PLOT, f"{model_path.name} {opts.method} {opts.scheme.name}: weight error per layer")
-        if report.get("blocks"):
-            plot_block_losses(report["blocks"], folder / BLOCK_PLOT, f"{model_path.name} Block-AP {opts.scheme.name}")
-        if report.get("e2e_qp"):
-            plot_e2e(report["e2e_qp"], folder / E2E_PLOT, f"{model_path.name} E2E-QP {opts.scheme.name}")
+        plot_outputs(report, plan, folder, f"{model_path.name} {{}} {opts.scheme.name}")
 
-    method = "block-ap+e2e-qp" if opts.runs_e2e else opts.method
-    provenance = {"method": method, "base_model": str(model_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    provenance = {"method": "+".join(m.name for m in plan), "base_model": str(model_path),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     # `out` may hold this run's resume state: it is replaced only now, by the finished checkpoint
     save_quantized(model, tokenizer, out, provenance=provenance, force=True, extra=extras)
     return report
 
 
-def _cached_fp_ppl(out: Path, opts: QuantizeOptions, resuming: bool, compute) -> dict[str, Any]:
-    """The unquantized perplexity; a resumed Block-AP run reuses the one it measured first."""
+def _e2e_dir(k: int) -> str:
+    """Resume folder of the k-th end-to-end phase of a plan (`e2e`, then `e2e-1`, ...)."""
+    return "e2e" if k == 0 else f"e2e-{k}"
+
+
+def _cached_fp_ppl(out: Path, ev: EvalOptions, resuming: bool, resumable: bool, compute) -> dict[str, Any]:
+    """The unquantized perplexity; a resumed run reuses the one it measured first."""
     cache = out / RESUME / "fp_perplexity.json"
     if resuming and cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("eval") == asdict(opts.eval):
+        if cached.get("eval") == asdict(ev):
             return cached["result"]
     result = compute()
-    if opts.method == "block-ap":
+    if resumable:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, {"eval": asdict(opts.eval), "result": result})
+        write_json(cache, {"eval": asdict(ev), "result": result})
     return result
 
 
-def _run_rtn(model, opts: QuantizeOptions, storage: torch.dtype, n_layers: int) -> dict[str, float]:
-    from eqat.methods.rtn import quantize_rtn
+def e2e_data_for(tokenizer, cfg) -> tuple[Any, Any]:
+    """(train, held-out) examples of an end-to-end config; EqatInputError for unusable data before any training."""
+    from eqat.data.e2e_data import e2e_examples
 
-    bar = tqdm(total=n_layers, desc=f"rtn {opts.scheme.name}", unit="layer", disable=not opts.progress)
-    errors = quantize_rtn(model, opts.scheme, dtype=storage, on_layer=lambda name, err: bar.update())
-    bar.close()
-    return errors
+    return e2e_examples(tokenizer, cfg.data, cfg.nsamples, cfg.val_samples, cfg.seqlen, cfg.seed, cfg.prompt_format)
 
 
-def _run_block_ap(model, opts, out: Path, model_path: Path, device: str, calib, report, resuming: bool) -> dict[str, float]:
-    from eqat.models.arch import quantizable_linears
-    from eqat.engine.blockwise import BlockAPTrainer, peak_memory_bytes
-    from eqat.methods.rtn import relative_error
+@dataclass
+class TrainE2EOptions:
+    checkpoint: str = option("", cli=False)
+    out: str | None = option(None, "Output folder; default <checkpoint>-e2e.", param="out_dir", flags=("--out", "-o"),
+                             result=False)
+    method: str = option("e2e-qp", "End-to-end method(s) to run, joined by '+'.", result=False)
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto.")
+    force: bool = option(False, FORCE_HELP, result=False)
+    replace_foreign: bool = option(False, FOREIGN_HELP, result=False)
+    evaluate: bool = option(True, "Measure perplexity before and after.", flags=("--eval/--no-eval",), result=False)
+    eval: EvalOptions = option(factory=EvalOptions, cli=False, result=False)
+    seed: int = option(0, "Seed for sampling and shuffling the training sequences.")
+    configs: dict = option(factory=dict, cli=False)
+    progress: bool = option(True, cli=False, result=False)
 
-    fp_weights = {name: lin.weight.detach().clone() for name, lin in quantizable_linears(model).items()}
-    n_blocks = model.config.num_hidden_layers
-    outer = tqdm(total=n_blocks, desc=f"Block-AP {opts.scheme.name}", unit="block", disable=not opts.progress)
+    def plan(self) -> list[Method]:
+        names = [n.strip() for n in self.method.split("+")]
+        methods = [get_method(n) for n in names if n]
+        wrong = [m.name for m in methods if m.phase != END_TO_END]
+        if not methods or wrong:
+            raise EqatInputError(f"train-e2e --method takes end-to-end methods (e.g. e2e-qp), not '{self.method}'; "
+                                 "make a checkpoint with `eqat quantize --method ...` first.")
+        return methods
 
-    def on_block(rec) -> None:
-        outer.n = rec.block + 1
-        outer.set_postfix(loss=f"{rec.init_loss:.3g}->{rec.final_loss:.3g}")
-        outer.refresh()
+    def config_for(self, method: Method) -> Any:
+        return self.configs.setdefault(method.name, method.config())
 
-    trainer = BlockAPTrainer(model, opts.scheme, opts.block_ap, out / RESUME, device=device,
-                             fingerprint=opts.fingerprint(model_path), progress=opts.progress, on_block=on_block)
-    if resuming:
-        report["resumed"] = True
-    records = trainer.run(calib)
-    outer.close()
-    report["blocks"] = [{k: v for k, v in asdict(r).items()} for r in records]
-    report["block_ap"] = {
-        "calibration": {**asdict(opts.calib), "val_samples": opts.block_ap.val_samples,
-                        "tokens": int(calib.numel())},
-        "weight_lr": opts.block_ap.weight_lr(opts.scheme.bits),
-        "peak_memory_bytes": peak_memory_bytes(torch.device(device)),
-        "seconds_per_block": sum(r.seconds for r in records) / max(len(records), 1),
-    }
-    q = quantized_modules(model)
-    return {name: relative_error(fp_weights[name], q[name]) for name in fp_weights}
+
+def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
+    """End-to-end methods on an eqat checkpoint (`eqat train-e2e`): load, (evaluate,) train, (evaluate,) save."""
+    from eqat.io.checkpoint import read_eqat_config
+    from eqat.models.loading import check_model_dir
+
+    src = check_model_dir(Path(opts.checkpoint).expanduser())
+    if not is_eqat_checkpoint(src):
+        raise EqatInputError(f"{src} is not an eqat checkpoint (no eqat_config.json); quantize it first with "
+                             "`eqat quantize --skip-e2e`, then run train-e2e on the result.")
+    meta = read_eqat_config(src)
+    plan = opts.plan()
+    for m in plan:
+        opts.config_for(m).seed = opts.seed
+        opts.config_for(m).check()
+    opts.eval.check()
+    device = resolve_device(opts.device)
+    out = resolve_out(opts.out or src.with_name(src.name + "-e2e"))
+    check_output(out, [src], opts.force, opts.replace_foreign)
+    with output_lock(out, "eqat train-e2e"):
+        return _train_e2e(opts, plan, src, meta, out, device)
+
+
+def _train_e2e(opts: TrainE2EOptions, plan: list[Method], src: Path, meta: dict, out: Path, device: str) -> dict[str, Any]:
+    from eqat.io.checkpoint import quantized_modules
+    from eqat.models.coverage import coverage
+
+    t0, ev = time.perf_counter(), opts.eval
+    model, tokenizer, _ = load_quantized(src)
+    data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in plan]
+    ids = eval_token_ids(tokenizer, ev.data) if opts.evaluate else None
+    resuming = _prepare_output(out, True, opts.force)
+    options = {k: v for k, v in asdict(opts).items() if k != "configs"}
+    options["methods"] = {m.name: asdict(opts.config_for(m)) for m in plan}
+    report: dict[str, Any] = {"command": "train-e2e", "checkpoint": str(src), "output": str(out),
+                              "scheme": meta["scheme"], "options": options, "environment": environment(),
+                              "resumed": resuming, "coverage": coverage(model, quantized_modules(model))}
+
+    def ppl(tag: str) -> dict[str, Any]:
+        model.to(device)
+        r = perplexity(model, ids, ev.seqlen, ev.max_windows, progress=opts.progress, desc=f"ppl {tag}")
+        return {**r.to_dict(), "data": ev.data}
+
+    if ids is not None:
+        report["perplexity_before"] = ppl("before training")
+    for k, (m, d) in enumerate(zip(plan, data)):
+        fp = {"checkpoint": str(src.resolve()), "methods": {p.name: fingerprint_of(opts.config_for(p)) for p in plan[: k + 1]}}
+        report[m.name.replace("-", "_")] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
+                                                          device, fp, opts.progress)
+    check_finite(model, "eqat train-e2e")
+    if ids is not None:
+        report["perplexity"] = ppl("after training")
+        check_perplexity(report["perplexity"], "eqat train-e2e")
+    report["warnings"] = run_warnings(model, report)
+    report["total_seconds"] = time.perf_counter() - t0
+    report["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process, Linux KiB
+    model.to("cpu")
+
+    def extras(folder: Path) -> None:
+        write_json(folder / REPORT, report)
+        plot_outputs(report, plan, folder, f"{src.name}: {{}}")
+
+    parent = meta.get("provenance", {})
+    provenance = {**parent, "method": "+".join([parent.get("method", "unknown"), *(m.name for m in plan)]),
+                  "parent_checkpoint": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_quantized(model, tokenizer, out, provenance=provenance, force=True, extra=extras)
+    return report
 
 
 def eval_run(model: str | None, opts: EvalOptions, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -310,11 +399,5 @@ def eval_run(model: str | None, opts: EvalOptions, device: str = "cpu", progress
     m, tok, meta = load_any(path, device=resolve_device(device))
     ids = eval_token_ids(tok, opts.data)
     r = perplexity(m, ids, opts.seqlen, opts.max_windows, progress=progress)
-    return {
-        "command": "eval",
-        "model_path": str(path),
-        "scheme": meta["scheme"] if meta else None,
-        "data": opts.data,
-        **r.to_dict(),
-        "environment": environment(),
-    }
+    return {"command": "eval", "model_path": str(path), "scheme": meta["scheme"] if meta else None, "data": opts.data,
+            **r.to_dict(), "environment": environment()}

@@ -1,23 +1,24 @@
-"""Block-AP (EfficientQAT phase 1): block-wise training of all parameters.
+"""The block-wise engine: train a quantization method one decoder block at a time.
 
 For each decoder block i, in order:
   1. targets  Y_fp = fp_block_i(X_fp)      (X_fp: the full-precision model's stream)
-  2. wrap the block's Linears as FakeQuantLinear (RTN init) and train weights, scales and
-     zero-points with AdamW to minimise MSE(block_i^q(X_q), Y_fp) on the calibration windows
-  3. round to integers, pack (QuantLinear), then X_q <- block_i^q(X_q) and X_fp <- Y_fp.
+  2. the method wraps the block (`prepare_block`) and its parameter groups train with AdamW
+     (cosine to lr * min_lr_ratio) to minimise the method's `block_loss(block_i^q(X_q), Y_fp)`
+  3. the method freezes the block to packed QuantLinears, then X_q <- block_i^q(X_q), X_fp <- Y_fp.
 
-Two streams, as in the paper: the targets come from the full-precision model (so errors do
-not compound into the targets), the inputs from the already-quantized blocks (so each block
-learns to correct the error its predecessors left). Both are kept as `act_dtype` (bf16 by
-default) in memory or memory-mapped files (`offload="disk"`); one block is on the compute
-device at a time. After each block the packed block, both streams and `state.json` are
-written to `state_dir`, so a killed run resumes at the first unfinished block and ends with
-the same model as an uninterrupted one. Resume state is JSON, safetensors and raw activation
-files only (block 0's keyword arguments through eqat/engine/state.py): nothing is unpickled.
+Two streams, as in EfficientQAT: the targets come from the full-precision model (errors do not
+compound into the targets), the inputs from the already-quantized blocks (each block learns to
+correct what its predecessors left). Both are `act_dtype` tensors in memory or memory-mapped files
+(`offload="disk"`); one block is on the compute device at a time. After each block the packed
+block, both streams and `state.json` are written to `state_dir`, so a killed run resumes at the
+first unfinished block and ends with the same model as an uninterrupted one. Resume state is JSON,
+safetensors and raw activation files only (block 0's keyword arguments through eqat.engine.state):
+nothing is unpickled.
 
-A block whose packed output (held-out loss) or stored tensors are not finite stops the run
-(EqatError, exit 1) before it is saved; scales pinned at the clamp limits and a loss that rose
-in training are recorded per block for the pipeline to report.
+A step with a non-finite loss or gradient is skipped (eqat.engine.guard); after repeated ones the
+block restarts from its state before training (in float32 after a bf16 overflow, then at half the
+learning rates). A block whose packed output or stored tensors are not finite stops the run
+(EqatError, exit 1) before it is saved. The engine never looks at which method it runs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -38,77 +39,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from eqat.models.arch import arch_for, block_linears, decoder_blocks, get_submodule
-from eqat.errors import EqatError, EqatInputError
 from eqat.core.qlinear import QuantLinear
 from eqat.core.scheme import QuantScheme
-from eqat.methods.fakequant import freeze_block, trainable_groups, wrap_block
+from eqat.engine.config import BlockwiseConfig
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
-from eqat.methods.rtn import check_scheme, replace_module
 from eqat.engine.health import nonfinite_tensors, scales_at_limits
-from eqat.engine.state import damaged, load_state, save_state, storable
-from eqat.engine.streams import OFFLOADS, ActivationStream
+from eqat.engine.state import check_fingerprint, damaged, load_state, save_state, storable
+from eqat.engine.streams import ActivationStream
+from eqat.errors import EqatError, EqatInputError
+from eqat.models.arch import arch_for, block_linears, check_scheme, decoder_blocks, get_submodule, replace_module
+
+if TYPE_CHECKING:
+    from eqat.methods.base import BlockwiseMethod, ParamGroup
 
 STATE = "state.json"
 KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: block 0's keyword arguments
-LOSSES = ("mse", "relative")
 MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
-
-
-def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token reconstruction loss [..., T] of block outputs [..., T, H] (float32).
-
-    "mse": mean squared error over the hidden size (the paper's loss, up to a constant).
-    "relative": ||out - target||^2 / ||target||^2 per token. Some tokens (attention sinks, often
-    the first of a window) carry "massive activations" hundreds of times larger than the rest
-    (channel 507 of SmolLM2 reaches 2.4e4 after block 11); under plain MSE they are ~98% of the
-    loss, so later blocks learn nothing else. The next block sees RMSNorm(x), i.e. each token's
-    relative error, which is what "relative" weighs equally across tokens.
-    """
-    err = (out.float() - target.float()).pow(2)
-    if kind == "mse":
-        return err.mean(-1)
-    return err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)
-
-
-@dataclass
-class BlockAPConfig:
-    """Training options. AdamW, no weight decay, cosine to lr/20 and 2 epochs as in the paper;
-    learning rates raised for ~64 steps per block instead of the paper's thousands (measured,
-    see docs/block-ap.md)."""
-
-    epochs: int = 2
-    batch_size: int = 2
-    lr_weight: float | None = None  # None: 3e-3 at 2 bits, 1e-3 at 3/4/8 (measured on SmolLM2, docs/block-ap.md)
-    lr_quant: float = 1e-3
-    weight_decay: float = 0.0
-    min_lr_ratio: float = 1 / 20
-    val_samples: int = 8
-    loss: str = "mse"  # "mse" (the paper) or "relative": per-token ||e||^2 / ||y||^2, see recon_loss
-    act_dtype: str = "bfloat16"
-    offload: str = "cpu"
-    storage_dtype: str = "float16"
-    seed: int = 0
-
-    def weight_lr(self, bits: int) -> float:
-        if self.lr_weight is not None:
-            return self.lr_weight
-        return 3e-3 if bits <= 2 else 1e-3
-
-    def check(self) -> None:
-        if self.offload not in OFFLOADS:
-            raise EqatInputError(f"--offload must be one of {', '.join(OFFLOADS)}, got '{self.offload}'.")
-        if self.act_dtype not in ("bfloat16", "float16", "float32"):
-            raise EqatInputError(f"--act-dtype must be bfloat16, float16 or float32, got '{self.act_dtype}'.")
-        if self.loss not in LOSSES:
-            raise EqatInputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
-        if self.epochs < 0 or self.batch_size < 1 or self.val_samples < 0:
-            raise EqatInputError("need --epochs >= 0, --batch-size >= 1 and --val-samples >= 0.")
-        for flag, lr in (("--lr-weight", self.lr_weight), ("--lr-quant", self.lr_quant)):
-            if lr is not None and not (math.isfinite(lr) and lr > 0):
-                raise EqatInputError(f"{flag} must be a positive learning rate, got {lr}; the defaults are in docs/block-ap.md.")
-        if not (self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1):
-            raise EqatInputError("need weight_decay >= 0 and 0 <= min_lr_ratio <= 1.")
 
 
 @dataclass
@@ -158,18 +104,20 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-class BlockAPTrainer:
-    """Block-AP over `model` (Llama-family, on CPU) with `scheme`; state in `state_dir`.
+class BlockwiseEngine:
+    """`method` over `model` (a decoder-only LM on CPU) with `scheme`; state in `state_dir`.
 
-    `fingerprint` identifies the run (model, scheme, data, options): resuming with a different
-    one is refused. `run(calib)` trains and leaves the model with packed QuantLinears.
+    `config` is the method's config (a BlockwiseConfig). `fingerprint` identifies the run (model,
+    scheme, data, options; eqat.engine.state.run_fingerprint): resuming with a different one is
+    refused. `run(calib)` trains and leaves the model with packed QuantLinears.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        method: "BlockwiseMethod",
+        config: BlockwiseConfig,
         scheme: QuantScheme,
-        config: BlockAPConfig,
         state_dir: str | Path,
         device: str | torch.device = "cpu",
         fingerprint: dict[str, Any] | None = None,
@@ -180,8 +128,8 @@ class BlockAPTrainer:
         check_scheme(model, scheme)
         types = set(getattr(model.config, "layer_types", None) or [])
         if len(types) > 1:
-            raise EqatInputError(f"Block-AP does not support models mixing attention types yet ({sorted(types)}).")
-        self.model, self.scheme, self.config = model, scheme, config
+            raise EqatInputError(f"{method.label} does not support models mixing attention types yet ({sorted(types)}).")
+        self.model, self.method, self.scheme, self.config = model, method, scheme, config
         self.state_dir = Path(state_dir)
         self.device = torch.device(device)
         self.fingerprint = fingerprint or {}
@@ -240,11 +188,7 @@ class BlockAPTrainer:
             raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
         if not isinstance(state, dict):
             raise damaged(path, "not a mapping")
-        if state.get("fingerprint") != json.loads(json.dumps(self.fingerprint, default=str)):
-            raise EqatInputError(
-                f"{self.state_dir} holds an unfinished run with different settings; re-run with the same "
-                "settings to resume, or pass --force to start over."
-            )
+        check_fingerprint(state.get("fingerprint"), self.fingerprint, self.state_dir, "an unfinished run")
         if not isinstance(state.get("next_block"), int) or not isinstance(state.get("records"), list):
             raise damaged(path, "no next_block or records")
         return state
@@ -304,7 +248,7 @@ class BlockAPTrainer:
             for s in range(idx.start, idx.stop, self.config.batch_size):
                 b = slice(s, min(s + self.config.batch_size, idx.stop))
                 out = run_block(block, xs[b].to(self.device, torch.float32), kw)
-                per_token = recon_loss(out, ys[b].to(self.device, torch.float32), self.config.loss)
+                per_token = self.method.block_loss(out, ys[b].to(self.device, torch.float32), self.config)
                 total += float(per_token.sum())
                 count += per_token.numel()
         return total / max(count, 1)
@@ -316,15 +260,12 @@ class BlockAPTrainer:
         for s in range(0, n, bs):
             dst[s : s + bs] = run_block(block, src[s : s + bs].to(self.device, torch.float32), kw).cpu()
 
-    def _train(self, i: int, block: nn.Module, xq: ActivationStream, yfp: ActivationStream, n_train: int, kw,
-               autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0) -> tuple[list[float], int]:
+    def _train(self, i: int, block: nn.Module, groups: list["ParamGroup"], xq: ActivationStream, yfp: ActivationStream,
+               n_train: int, kw, autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0) -> tuple[list[float], int]:
         cfg = self.config
-        weights, qparams = trainable_groups(block)
-        opt = torch.optim.AdamW(
-            [{"params": weights, "lr": cfg.weight_lr(self.scheme.bits) * lr_scale},
-             {"params": qparams, "lr": cfg.lr_quant * lr_scale}],
-            weight_decay=cfg.weight_decay,
-        )
+        params = [p for g in groups for p in g.params]
+        opt = torch.optim.AdamW([{"params": g.params, "lr": g.lr * lr_scale} for g in groups],
+                                weight_decay=cfg.weight_decay)
         per_epoch = math.ceil(n_train / cfg.batch_size)
         total = cfg.epochs * per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -342,14 +283,14 @@ class BlockAPTrainer:
                 y = yfp[idx].to(self.device, torch.float32)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                     out = run_block(block, x, kw)
-                loss = recon_loss(out, y, cfg.loss).mean()
+                loss = self.method.block_loss(out, y, cfg).mean()
                 step = bar.n
                 opt.zero_grad(set_to_none=True)
                 try:
                     ok = guard.loss_ok(step, loss.item())
                     if ok:
                         loss.backward()
-                        ok = guard.grads_ok(step, weights + qparams)
+                        ok = guard.grads_ok(step, params)
                 except NonFiniteRun:
                     bar.close()
                     raise
@@ -375,13 +316,13 @@ class BlockAPTrainer:
         val = range(n_train, n) if n > n_train else range(0, n_train)
         backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
-        guard = NonFiniteGuard(f"Block-AP block {i}")
+        guard = NonFiniteGuard(f"{self.method.label} block {i}")
         restarts, lr_scale = 0, 1.0
         while True:
-            wrap_block(block, self.scheme)
+            groups = self.method.prepare_block(block, self.scheme, cfg)
             init_loss = self._loss(block, xq, yfp, val, kw)
             try:
-                losses, steps = self._train(i, block, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale)
+                losses, steps = self._train(i, block, groups, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale)
                 break
             except NonFiniteRun as e:
                 self.blocks[i] = block = copy.deepcopy(backup)
@@ -395,7 +336,7 @@ class BlockAPTrainer:
                                     "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
                                     "or --act-dtype float32.") from e
                 lr_scale /= 2
-        freeze_block(block, self.storage_dtype)
+        self.method.freeze_block(block, cfg, self.storage_dtype)
         final_loss = self._loss(block, xq, yfp, val, kw)
         self._check_finite(i, block, final_loss)
         at_limit, n_scales = scales_at_limits(block)
@@ -413,7 +354,7 @@ class BlockAPTrainer:
         bad = nonfinite_tensors(block)
         if bad or not math.isfinite(loss):
             what = f"stored tensors {bad[:4]} are not finite" if bad else f"its held-out loss after packing is {loss}"
-            raise EqatError(f"Block-AP block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
+            raise EqatError(f"{self.method.label} block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
                             "--lr-quant (the run resumes at this block), or --force to start over.")
 
     # ---- the whole model ----------------------------------------------------------------

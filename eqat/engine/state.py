@@ -1,4 +1,11 @@
-"""Resume state that cannot execute code: tensors in safetensors, everything else in JSON.
+"""Run state, in one place: the fingerprint that says whether a resume is valid, and resume state
+that cannot execute code (tensors in safetensors, everything else in JSON).
+
+`fingerprint_of(config)` is derived from the config dataclasses themselves: every field counts
+unless its metadata says it does not change the result (`option(..., result=False)`: `offload`,
+`save_every`, the output folder, progress), so a new option is in the fingerprint by default and
+nobody maintains a list of keys. `check_fingerprint` is the one comparison (both sides normalised
+through JSON), used by `load_state` and by the block-wise engine's `state.json`.
 
 `save_state(folder, name, fingerprint, obj)` writes `<name>.json` (the fingerprint, then `obj`
 with each tensor replaced by a reference) and `<name>.<serial>.safetensors` (the tensors). The
@@ -14,6 +21,7 @@ int, float, bool and None, which covers optimizer and scheduler `state_dict()`s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,10 +31,39 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from eqat.core.options import affects_result
 from eqat.errors import EqatInputError
 
 FORMAT = "eqat-resume-state"
 VERSION = 1
+
+
+def fingerprint_of(obj: Any) -> Any:
+    """The part of `obj` that determines a run's result, as plain JSON data: dataclasses field by
+    field (recursively; fields marked `result=False` left out), objects with `to_dict()` (QuantScheme)
+    through it, containers element-wise, paths as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: fingerprint_of(getattr(obj, f.name)) for f in dataclasses.fields(obj) if affects_result(f)}
+    if hasattr(obj, "to_dict"):
+        return fingerprint_of(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): fingerprint_of(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [fingerprint_of(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _normal(fp: Any) -> Any:
+    return json.loads(json.dumps(fp, default=str))
+
+
+def check_fingerprint(saved: Any, expected: Any, folder: str | Path, what: str) -> None:
+    """Refuse (EqatInputError, exit 2) a resume folder whose state was written with other settings."""
+    if _normal(saved) != _normal(expected):
+        raise EqatInputError(f"{Path(folder)} holds {what} with other settings; re-run with the same settings to "
+                             "resume, or pass --force to start over.")
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -125,9 +162,7 @@ def load_state(folder: str | Path, name: str, fingerprint: Any, what: str) -> An
     if not index.is_file():
         return None
     doc = _read_index(index)
-    if doc.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)):
-        raise EqatInputError(f"{Path(folder)} holds {what} with other settings; re-run with the same settings to "
-                             "resume, or pass --force to start over.")
+    check_fingerprint(doc.get("fingerprint"), fingerprint, folder, what)
     tensor_path = Path(folder) / doc["tensor_file"]
     try:
         tensors = load_file(str(tensor_path))

@@ -16,7 +16,7 @@ from eqat.models.arch import block_linears
 from eqat.core.qlinear import QuantLinear
 from eqat.core.quantizer import FakeQuantizer
 from eqat.core.scheme import QuantScheme
-from eqat.methods.rtn import replace_module
+from eqat.models.arch import replace_module
 
 
 class FakeQuantLinear(nn.Module):

@@ -1,30 +1,19 @@
-"""Round-to-nearest: min/max scales and zero-points per group, no data. The baseline, and
-the initialiser every trained method starts from."""
+"""Round-to-nearest: min/max scales and zero-points per group, no data. The baseline, and the
+initialiser every trained method starts from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from eqat.models.arch import quantizable_linears
 from eqat.core.qlinear import QuantLinear
 from eqat.core.quantizer import dequantize_codes
 from eqat.core.scheme import QuantScheme
-
-
-def check_scheme(model: nn.Module, scheme: QuantScheme) -> dict[str, nn.Linear]:
-    """Validate `scheme` against every quantizable Linear before anything is changed."""
-    linears = quantizable_linears(model)
-    for name, lin in linears.items():
-        scheme.check_layer(name, lin.in_features)
-    return linears
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+from eqat.methods.base import DataFreeMethod, register_method
+from eqat.models.arch import check_scheme, replace_module
 
 
 def relative_error(weight: torch.Tensor, layer: QuantLinear) -> float:
@@ -54,3 +43,19 @@ def quantize_rtn(
         if on_layer:
             on_layer(name, errors[name])
     return errors
+
+
+@dataclass
+class RTNConfig:
+    """RTN has no options."""
+
+
+@register_method
+class RTN(DataFreeMethod):
+    name = "rtn"
+    config = RTNConfig
+    summary = "round to nearest with min/max scales, no data (seconds; the baseline)"
+
+    def quantize(self, model: nn.Module, scheme: QuantScheme, cfg: RTNConfig, dtype: torch.dtype,
+                 on_layer: Callable[[str, float], None] | None = None) -> dict[str, float]:
+        return quantize_rtn(model, scheme, dtype=dtype, on_layer=on_layer)

@@ -90,6 +90,20 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def check_scheme(model: nn.Module, scheme: Any) -> dict[str, nn.Linear]:
+    """Validate `scheme` (a QuantScheme) against every quantizable Linear before anything changes."""
+    linears = quantizable_linears(model)
+    for name, lin in linears.items():
+        scheme.check_layer(name, lin.in_features)
+    return linears
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` (dotted) of `model` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def model_skeleton(config: Any) -> nn.Module:
     """The causal LM of `config` with empty (meta) tensors: its structure and shapes, no memory."""
     from accelerate import init_empty_weights
