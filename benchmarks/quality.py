@@ -32,8 +32,9 @@ from eqat.io.report import environment, write_json
 from eqat.pipeline import CalibOptions, resolve_model
 from eqat.core.scheme import QuantScheme
 from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
-from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer, peak_memory_bytes
-from eqat.engine.end2end import E2EQPConfig
+from eqat.engine.blockwise import peak_memory_bytes
+from eqat.methods.block_ap import BlockAPConfig, BlockAPTrainer
+from eqat.methods.e2e_qp import E2EQPConfig
 from eqat.methods.rtn import quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"

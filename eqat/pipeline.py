@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from eqat.core.options import option
 from eqat.core.scheme import QuantScheme
@@ -32,7 +31,8 @@ from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantize
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
 from eqat.io.report import environment, write_json
-from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method, get_method, parse_plan
+from eqat.methods import get_method, parse_plan
+from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method
 from eqat.models.loading import load_model, model_size_bytes, parse_dtype
 from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
 

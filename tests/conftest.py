@@ -86,11 +86,11 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 
 
 def e2e_killed_at(step: int):
-    """A stand-in for `E2EQPTrainer._step_batches` that raises KeyboardInterrupt (a kill) when
+    """A stand-in for `EndToEndEngine._step_batches` that raises KeyboardInterrupt (a kill) when
     optimizer step `step` begins; call it before patching."""
-    from eqat.engine.end2end import E2EQPTrainer
+    from eqat.engine.end2end import EndToEndEngine
 
-    original = E2EQPTrainer._step_batches
+    original = EndToEndEngine._step_batches
 
     def killed(self, s, n):
         if s == step:

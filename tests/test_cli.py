@@ -104,7 +104,7 @@ E2E_ARGS = ["--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32
 def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
     from safetensors.torch import load_file
 
-    from eqat.engine.blockwise import BlockAPTrainer
+    from eqat.engine.blockwise import BlockwiseEngine
 
     model = tiny_model_dir("llama")
     args = ["--model", str(model), "--calib-data", str(text_file), *BLOCK_AP_ARGS]
@@ -118,21 +118,21 @@ def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_pa
     assert all(0 < b["final_loss"] < float("inf") and b["steps"] == 4 for b in report["blocks"])
     assert report["block_ap"]["peak_memory_bytes"] > 0
 
-    save_block = BlockAPTrainer._save_block
+    save_block = BlockwiseEngine._save_block
 
     def killed_after_block_0(self, i):
         save_block(self, i)
         if i == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(BlockAPTrainer, "_save_block", killed_after_block_0)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", killed_after_block_0)
     out = tmp_path / "run"
     code, _, _ = cli("quantize", "--out", str(out), *args)
     assert code == 130 and not (out / "eqat_config.json").exists()
     assert json.loads((out / "resume" / "state.json").read_text())["next_block"] == 1
-    monkeypatch.setattr(BlockAPTrainer, "_save_block", save_block)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", save_block)
     code, _, err = cli("quantize", "--out", str(out), *args[:-2], "--epochs", "3", "-q")
-    assert code == 2 and "different settings" in err  # resuming with other options is refused
+    assert code == 2 and "other settings" in err  # resuming with other options is refused
     code, _, err = cli("quantize", "--out", str(out), *args)
     assert code == 0, err
     assert json.loads((out / "report.json").read_text())["resumed"] is True
@@ -158,15 +158,15 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
     assert (out / "e2e_loss.png").is_file()
     assert json.loads((out / "eqat_config.json").read_text())["provenance"]["method"] == "block-ap+e2e-qp"
     # killed during E2E-QP, then re-run: Block-AP is not redone, E2E-QP resumes, same model
-    from eqat.engine.blockwise import BlockAPTrainer
-    from eqat.engine.end2end import E2EQPTrainer
+    from eqat.engine.blockwise import BlockwiseEngine
+    from eqat.engine.end2end import EndToEndEngine
 
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(3))
+        mp.setattr(EndToEndEngine, "_step_batches", e2e_killed_at(3))
         assert cli("quantize", "--out", str(run), *common, *bap)[0] == 130
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(BlockAPTrainer, "_train", lambda *a, **k: pytest.fail("Block-AP re-trained a finished block"))
+        mp.setattr(BlockwiseEngine, "_train", lambda *a, **k: pytest.fail("Block-AP re-trained a finished block"))
         code, _, err = cli("quantize", "--out", str(run), *common, *bap)
     assert code == 0, err
     assert json.loads((run / "report.json").read_text())["e2e_qp"]["resumed_at"] == 2
@@ -183,7 +183,7 @@ def test_quantize_runs_block_ap_then_e2e(cli, tiny_model_dir, tmp_path, text_fil
 def test_train_e2e_on_checkpoint_resumes_and_keeps_codes(cli, tiny_model_dir, tmp_path, text_file, monkeypatch):
     from safetensors.torch import load_file
 
-    from eqat.engine.end2end import E2EQPTrainer
+    from eqat.engine.end2end import EndToEndEngine
 
     model = tiny_model_dir("qwen2")
     src = tmp_path / "rtn"
@@ -197,12 +197,12 @@ def test_train_e2e_on_checkpoint_resumes_and_keeps_codes(cli, tiny_model_dir, tm
     report = json.loads((tmp_path / "ref" / "report.json").read_text())
     assert report["perplexity"]["ppl"] > 1 and report["perplexity_before"]["ppl"] > 1
 
-    original = E2EQPTrainer._step_batches
-    monkeypatch.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(4))
+    original = EndToEndEngine._step_batches
+    monkeypatch.setattr(EndToEndEngine, "_step_batches", e2e_killed_at(4))
     out = tmp_path / "run"
     code, _, _ = cli("train-e2e", str(src), "--out", str(out), *args)
     assert code == 130 and not (out / "eqat_config.json").exists()
-    monkeypatch.setattr(E2EQPTrainer, "_step_batches", original)
+    monkeypatch.setattr(EndToEndEngine, "_step_batches", original)
     code, _, err = cli("train-e2e", str(src), "--out", str(out), *args[:-1], "--e2e-lr", "1e-3", "-q")
     assert code == 2 and "other settings" in err
     code, _, err = cli("train-e2e", str(src), "--out", str(out), *args)
@@ -307,7 +307,7 @@ def test_config_files_never_name_a_program_to_run(cli, tmp_path):
     executables out."""
     import click
 
-    from eqat.cliconfig import save_config
+    from eqat.cli.config import save_config
 
     marker = tmp_path / "ran"
     program = tmp_path / "python"

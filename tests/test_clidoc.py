@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from eqat.clidoc import render
+from eqat.cli.doc import render
 
 
 def test_cli_reference_matches_the_cli():
     page = Path(__file__).parents[1] / "docs" / "cli.md"
-    assert page.read_text() == render(), "docs/cli.md is stale: run `python -m eqat.clidoc > docs/cli.md`"
+    assert page.read_text() == render(), "docs/cli.md is stale: run `python -m eqat.cli.doc > docs/cli.md`"
 
 
 def test_every_command_has_examples_in_its_help():

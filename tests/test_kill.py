@@ -73,7 +73,7 @@ def wrote_since(out, since):
 def reference(tmp_path_factory, tiny_tokenizer):
     """An uninterrupted run; returns (root, seconds from its first write into resume/ to its end:
     the span in which training state exists on disk)."""
-    from conftest import tiny_model
+    from tests.conftest import tiny_model
 
     root = tmp_path_factory.mktemp("kill")
     model = tiny_model("llama", vocab=len(tiny_tokenizer))

@@ -64,17 +64,17 @@ def test_the_payload_is_live(tmp_path):
 # ---- 1. no code runs from a resume folder -------------------------------------------------------------------
 
 def _killed_block_ap_run(cli, monkeypatch, args: list[str], out: Path) -> None:
-    from eqat.engine.blockwise import BlockAPTrainer
+    from eqat.engine.blockwise import BlockwiseEngine
 
-    save_block = BlockAPTrainer._save_block
+    save_block = BlockwiseEngine._save_block
 
     def killed_after_block_0(self, i):
         save_block(self, i)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(BlockAPTrainer, "_save_block", killed_after_block_0)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", killed_after_block_0)
     code, _, _ = cli("quantize", "--out", str(out), *args)
-    monkeypatch.setattr(BlockAPTrainer, "_save_block", save_block)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", save_block)
     assert code == 130 and (out / "resume" / "block_kwargs.json").is_file()
 
 
@@ -107,11 +107,11 @@ def test_block_ap_resume_ignores_a_planted_legacy_file(cli, tiny_model_dir, cali
 
 
 def test_e2e_resume_never_unpickles(cli, tiny_model_dir, calib, tmp_path, monkeypatch):
-    from eqat.engine.end2end import E2EQPTrainer
+    from eqat.engine.end2end import EndToEndEngine
 
     args = q_args(tiny_model_dir(), calib, "--e2e-steps", "3")
     out, marker = tmp_path / "run", tmp_path / "marker"
-    monkeypatch.setattr(E2EQPTrainer, "_step_batches", e2e_killed_at(2))
+    monkeypatch.setattr(EndToEndEngine, "_step_batches", e2e_killed_at(2))
     code, _, _ = cli("quantize", "--out", str(out), *args)
     monkeypatch.undo()
     state = out / "resume" / "e2e"
@@ -123,7 +123,7 @@ def test_e2e_resume_never_unpickles(cli, tiny_model_dir, calib, tmp_path, monkey
     assert code == 2 and "damaged" in err and not marker.exists()
     # a foreign fingerprint is refused before the tensor file is opened
     doc = json.loads((state / "e2e_state.json").read_text())
-    doc["fingerprint"]["e2e"]["lr"] = 123.0
+    doc["fingerprint"]["methods"]["e2e-qp"]["lr"] = 123.0
     (state / "e2e_state.json").write_text(json.dumps(doc))
     code, _, err = cli("quantize", "--out", str(out), *args)
     assert code == 2 and "other settings" in err and not marker.exists()

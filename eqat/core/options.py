@@ -1,6 +1,6 @@
 """Options as data. A config dataclass field made with `option()` says its default, its help, its
 command-line name and whether it changes the result of a run; the CLI flags and `--config` keys
-(eqat.cliflags), docs/cli.md and the resume fingerprints (eqat.engine.state) are all derived from
+(eqat.cli.flags), docs/cli.md and the resume fingerprints (eqat.engine.state) are all derived from
 it, so adding an option to a method is one edit.
 """
 

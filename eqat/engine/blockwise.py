@@ -92,6 +92,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _saved(i: int) -> str:
+    return "no block is saved yet" if i == 0 else f"blocks 0-{i - 1} are saved"
+
+
 class _Stop(Exception):
     pass
 
@@ -332,9 +336,9 @@ class BlockwiseEngine:
                     continue
                 restarts += 1
                 if restarts > MAX_RESTARTS:
-                    raise EqatError(f"{e}, after {MAX_RESTARTS} restarts at half the learning rate each; blocks 0-{i - 1} "
-                                    "are saved and the run resumes at this block: re-run with lower --lr-weight/--lr-quant "
-                                    "or --act-dtype float32.") from e
+                    raise EqatError(f"{e}, after {MAX_RESTARTS} restarts at half the learning rate each; {_saved(i)} and "
+                                    "the run resumes at this block: re-run with lower learning rates (e.g. --lr-weight/"
+                                    "--lr-quant) or --act-dtype float32.") from e
                 lr_scale /= 2
         self.method.freeze_block(block, cfg, self.storage_dtype)
         final_loss = self._loss(block, xq, yfp, val, kw)
@@ -354,7 +358,7 @@ class BlockwiseEngine:
         bad = nonfinite_tensors(block)
         if bad or not math.isfinite(loss):
             what = f"stored tensors {bad[:4]} are not finite" if bad else f"its held-out loss after packing is {loss}"
-            raise EqatError(f"{self.method.label} block {i}: {what}; blocks 0-{i - 1} are saved. Re-run with lower --lr-weight/"
+            raise EqatError(f"{self.method.label} block {i}: {what}; {_saved(i)}. Re-run with lower --lr-weight/"
                             "--lr-quant (the run resumes at this block), or --force to start over.")
 
     # ---- the whole model ----------------------------------------------------------------

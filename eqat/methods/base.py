@@ -129,9 +129,8 @@ def register_method(cls: type) -> type:
 
 
 def registered_methods() -> dict[str, type[Method]]:
-    """Every registered method class by name, built-in ones first."""
-    import eqat.methods  # noqa: F401  (registers the built-in methods)
-
+    """Every registered method class by name (importing any eqat.methods module first runs
+    eqat/methods/__init__.py, which registers the built-in ones)."""
     return dict(_REGISTRY)
 
 

@@ -70,6 +70,7 @@ class BlockAPConfig(BlockwiseConfig):
 @register_method
 class BlockAP(BlockwiseMethod):
     name = "block-ap"
+    label = "Block-AP"
     config = BlockAPConfig
     summary = "EfficientQAT phase 1: weights, scales and zero-points of each block trained by reconstruction"
 

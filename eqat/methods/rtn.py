@@ -53,6 +53,7 @@ class RTNConfig:
 @register_method
 class RTN(DataFreeMethod):
     name = "rtn"
+    label = "RTN"
     config = RTNConfig
     summary = "round to nearest with min/max scales, no data (seconds; the baseline)"
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import eqat.engine.blockwise as blockap
+import eqat.methods.block_ap as block_ap
 import eqat.engine.end2end as e2e
+from eqat.methods.e2e_qp import E2EQPTrainer
 from eqat.errors import EqatError
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
 from tests.methods.test_block_ap import train
@@ -58,7 +60,7 @@ def test_guard_counts_and_asks_for_a_restart():
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_block_ap_skips_bad_steps_and_finishes(tmp_path, monkeypatch, kind):
-    monkeypatch.setattr(blockap, "recon_loss", poisoned(blockap.recon_loss, {2, 3}, kind))
+    monkeypatch.setattr(block_ap, "recon_loss", poisoned(block_ap.recon_loss, {2, 3}, kind))
     model, records = train(tmp_path)
     assert records[0].skipped_steps == 2 and records[0].restarts == 0 and records[1].skipped_steps == 0
     assert len(records[0].train_losses) == records[0].steps - 2
@@ -67,7 +69,7 @@ def test_block_ap_skips_bad_steps_and_finishes(tmp_path, monkeypatch, kind):
 
 
 def test_block_ap_restarts_at_half_the_rate(tmp_path, monkeypatch):
-    monkeypatch.setattr(blockap, "recon_loss", poisoned(blockap.recon_loss, {2, 3, 4}, "loss"))
+    monkeypatch.setattr(block_ap, "recon_loss", poisoned(block_ap.recon_loss, {2, 3, 4}, "loss"))
     _, records = train(tmp_path)
     assert records[0].restarts == 1 and records[0].lr_scale == 0.5 and records[0].skipped_steps == 3
     assert math.isfinite(records[0].final_loss)
@@ -75,9 +77,9 @@ def test_block_ap_restarts_at_half_the_rate(tmp_path, monkeypatch):
 
 def test_block_ap_gives_up_naming_the_block_and_keeps_earlier_blocks(tmp_path, monkeypatch):
     """Block 1 never gets a finite loss: the error names it; block 0 is saved and the run resumes there."""
-    original = blockap.recon_loss
+    original = block_ap.recon_loss
     state = {"block": 0}
-    real_block = blockap.BlockAPTrainer._block
+    real_block = blockap.BlockwiseEngine._block
 
     def track(self, i, *a, **kw):
         state["block"] = i
@@ -86,11 +88,11 @@ def test_block_ap_gives_up_naming_the_block_and_keeps_earlier_blocks(tmp_path, m
     def loss(out, y, kind):
         value = original(out, y, kind)
         return value * float("nan") if torch.is_grad_enabled() and state["block"] == 1 else value
-    monkeypatch.setattr(blockap.BlockAPTrainer, "_block", track)
-    monkeypatch.setattr(blockap, "recon_loss", loss)
+    monkeypatch.setattr(blockap.BlockwiseEngine, "_block", track)
+    monkeypatch.setattr(block_ap, "recon_loss", loss)
     with pytest.raises(EqatError, match="Block-AP block 1: non-finite loss in 3 steps in a row .* blocks 0-0 are saved"):
         train(tmp_path, name="s")
-    monkeypatch.setattr(blockap, "recon_loss", original)
+    monkeypatch.setattr(block_ap, "recon_loss", original)
     model, records = train(tmp_path, name="s")  # resumes at block 1 and finishes
     assert [r.block for r in records] == [0, 1] and all(math.isfinite(r.final_loss) for r in records)
 
@@ -100,16 +102,16 @@ def test_e2e_skips_bad_steps_halves_the_rate_then_gives_up(tmp_path, monkeypatch
     train_rows, val_rows = d.rows(slice(0, 8)), d.rows(slice(8, 12))
     original = e2e.lm_loss_sum
     monkeypatch.setattr(e2e, "lm_loss_sum", poisoned(original, {3, 4}, "gradient"))  # step 1 (2 batches a step)
-    res = e2e.E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "a", progress=False).run(train_rows, val_rows)
+    res = E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "a", progress=False).run(train_rows, val_rows)
     assert res.skipped_steps == 1 and res.lr_halvings == 0 and [r["skipped"] for r in res.log][:3] == [False, True, False]
 
     monkeypatch.setattr(e2e, "lm_loss_sum", poisoned(original, set(range(3, 9)), "loss"))  # steps 1-3
-    res = e2e.E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "b", progress=False).run(train_rows, val_rows)
+    res = E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "b", progress=False).run(train_rows, val_rows)
     assert res.lr_halvings == 1 and res.skipped_steps == 3 and math.isfinite(res.val_loss_after)
     assert res.log[-1]["lr"] < res.log[0]["lr"] and not res.log[-1]["skipped"]
 
     monkeypatch.setattr(e2e, "lm_loss_sum", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(EqatError, match="E2E-QP: non-finite loss .* after 2 learning-rate halvings; the step checkpoint"):
-        e2e.E2EQPTrainer(qmodel(), e2e_cfg(epochs=5), tmp_path / "c", progress=False).run(train_rows, val_rows)
+        E2EQPTrainer(qmodel(), e2e_cfg(epochs=5), tmp_path / "c", progress=False).run(train_rows, val_rows)
     with pytest.raises(EqatError, match="E2E-QP: no step from 0 to 5 had a finite loss"):
-        e2e.E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "d", progress=False).run(train_rows, val_rows)
+        E2EQPTrainer(qmodel(), e2e_cfg(), tmp_path / "d", progress=False).run(train_rows, val_rows)

@@ -86,7 +86,7 @@ def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
     below the RTN starting point (the full-model figures are in benchmarks/results)."""
     from eqat.data.sources import calibration_windows
     from eqat.core.qlinear import QuantLinear
-    from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer
+    from eqat.methods.block_ap import BlockAPConfig, BlockAPTrainer
 
     path, tok, _ = smol
     model, _ = load_model(path)
@@ -104,7 +104,7 @@ def test_block_ap_on_real_blocks_beats_rtn_initialisation(smol, tmp_path):
 def test_e2e_qp_on_real_model_lowers_heldout_loss_and_keeps_codes(smol, tmp_path):
     """E2E-QP on the whole real SmolLM2 at RTN w2g64, a few short steps: the held-out C4 loss
     falls and only the scales change (the full-budget figures are in benchmarks/results)."""
-    from eqat.engine.end2end import E2EQPConfig, E2EQPTrainer
+    from eqat.methods.e2e_qp import E2EQPConfig, E2EQPTrainer
     from eqat.data.e2e_data import e2e_examples
 
     path, tok, _ = smol

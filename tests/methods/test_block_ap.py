@@ -4,7 +4,7 @@ import torch
 from eqat.errors import EqatError, EqatInputError
 from eqat.core.qlinear import QuantLinear
 from eqat.core.scheme import QuantScheme
-from eqat.engine.blockwise import BlockAPConfig, BlockAPTrainer
+from eqat.methods.block_ap import BlockAPConfig, BlockAPTrainer
 from eqat.methods.rtn import quantize_rtn
 from tests.conftest import tiny_model
 
@@ -92,7 +92,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         train(tmp_path, name="s", on_block=die)
     model = tiny_model()
     other = BlockAPTrainer(model, SCHEME, cfg(), tmp_path / "s", progress=False, fingerprint={"t": 2})
-    with pytest.raises(EqatInputError, match="different settings"):
+    with pytest.raises(EqatInputError, match="other settings"):
         other.run(calib())
 
 
@@ -110,7 +110,7 @@ def test_bad_options_are_input_errors(tmp_path):
 
 
 def test_relative_loss_weighs_tokens_equally():
-    from eqat.engine.blockwise import recon_loss
+    from eqat.methods.block_ap import recon_loss
 
     y = torch.ones(1, 3, 4)
     y[0, 0] *= 1000.0  # an "attention sink" token with a massive activation

@@ -5,7 +5,8 @@ import torch
 
 from eqat.errors import EqatInputError
 from eqat.core.scheme import QuantScheme
-from eqat.engine.end2end import E2EQPConfig, E2EQPTrainer, lr_lambda
+from eqat.engine.end2end import lr_lambda
+from eqat.methods.e2e_qp import E2EQPConfig, E2EQPTrainer
 from eqat.data.e2e_data import E2EData
 from eqat.methods.rtn import quantize_rtn
 from tests.conftest import e2e_killed_at, tiny_model

@@ -55,12 +55,12 @@ def test_coverage_counts_block_matrices_only():
 
 
 def test_quantize_refuses_unquantized_experts_before_any_work(cli, mixtral_dir, tmp_path, monkeypatch):
-    from eqat.engine.blockwise import BlockAPTrainer
+    from eqat.engine.blockwise import BlockwiseEngine
 
     def never(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(BlockAPTrainer, "run", never)
+    monkeypatch.setattr(BlockwiseEngine, "run", never)
     out = tmp_path / "q"
     for method in ("rtn", "block-ap"):
         code, _, err = cli("quantize", "--method", method, "--model", str(mixtral_dir), "--bits", "2", "--group-size", "32",

@@ -1,4 +1,4 @@
-"""docs/cli.md, generated from the CLI itself: `python -m eqat.clidoc > docs/cli.md`
+"""docs/cli.md, generated from the CLI itself: `python -m eqat.cli.doc > docs/cli.md`
 (tests/test_clidoc.py fails when the page and the CLI disagree)."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import click
 import typer.main
 
 from eqat.cli import app
-from eqat.cliconfig import COMMAND_LINE_ONLY
+from eqat.cli.config import COMMAND_LINE_ONLY
 
 HEADER = """# CLI reference
 
-Generated from the CLI by `python -m eqat.clidoc > docs/cli.md`; a test keeps it in step.
+Generated from the CLI by `python -m eqat.cli.doc > docs/cli.md`; a test keeps it in step.
 Every command takes `--help`. Exit codes: 0 ok, 1 a run or a check failed, 2 bad input (the
 message names the problem and the fix), 130 interrupted (re-run the same command to resume).
 `--config FILE.yaml` gives any command its options from a file (flags on the command line win);

@@ -91,10 +91,12 @@ def command_with(func: Callable, flags: list[Flag]) -> Callable:
 
 
 def apply(flags: list[Flag], values: dict[str, Any], sections: dict[str, Any]) -> None:
-    """Set each flag's value into its target fields; a section missing from `sections` is skipped."""
+    """Set each flag's value into its target fields. A section is one object or a list of them (each
+    gets the value); a section missing from `sections` is skipped."""
     for f in flags:
         if f.param not in values:
             continue
         for section, name in f.targets:
-            if section in sections:
-                setattr(sections[section], name, values[f.param])
+            targets = sections.get(section, [])
+            for obj in targets if isinstance(targets, list) else [targets]:
+                setattr(obj, name, values[f.param])
