@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -340,3 +341,26 @@ def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_pat
         code, _, err = cli("export", str(ck), "--format", "gptq", "--out", str(out))
         assert code == 2 and "in use by another eqat run" in err
     assert not out.exists()
+
+
+def test_method_plans_are_checked_before_any_work(cli, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    for plan, why in [("gptq", "unknown method 'gptq'; registered: block-ap, e2e-qp, rtn"),
+                      ("e2e-qp", "a data-free or block-wise method must come first"),
+                      ("rtn+block-ap", "only end-to-end methods may follow rtn, not block-ap"),
+                      ("block-ap+", "is not a plan")]:
+        code, _, err = cli("quantize", "--model", str(model), "--method", plan, "--out", str(tmp_path / "o"), "-q")
+        assert code == 2 and why in err, (plan, err)
+        assert not (tmp_path / "o").exists()
+    code, _, err = cli("train-e2e", str(model), "--method", "block-ap", "-q")
+    assert code == 2
+
+
+def test_help_and_info_list_the_registered_methods(cli):
+    code, out, _ = cli("quantize", "--help")
+    out = re.sub(r"[│\s]+", " ", out)  # rich wraps the help inside a box
+    assert code == 0 and "block-ap (block-wise)" in out and "e2e-qp (end-to-end)" in out and "rtn (data-free)" in out
+    code, out, _ = cli("info", "--json")
+    methods = json.loads(out)["methods"]
+    assert code == 0 and {"rtn": "data-free", "block-ap": "block-wise", "e2e-qp": "end-to-end"} == {
+        n: m["phase"] for n, m in methods.items() if n in ("rtn", "block-ap", "e2e-qp")}

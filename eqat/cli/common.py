@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from eqat.cli.config import apply_config
-from eqat.pipeline import FOREIGN_HELP
+from eqat.options import FOREIGN_HELP
 
 app = typer.Typer(
     add_completion=False,

@@ -16,7 +16,7 @@ from eqat.cli.common import (CONFIG, JSON, QUIET, _fmt_ppl, _print_e2e, _print_w
 from eqat.cli.config import save_config
 from eqat.cli.flags import Flag, apply, command_with, flags_of, merge
 from eqat.errors import EqatError
-from eqat.pipeline import CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions
+from eqat.options import CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions
 
 
 def method_flags(phases: tuple[str, ...]) -> list[Flag]:

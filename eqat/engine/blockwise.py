@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from eqat.core.dtypes import parse_dtype
 from eqat.core.qlinear import QuantLinear
 from eqat.core.scheme import QuantScheme
 from eqat.engine.config import BlockwiseConfig
@@ -75,10 +76,6 @@ class BlockRecord:
     lr_scale: float = 1.0
     scales_at_limit: int = 0  # stored scales at SCALE_MIN or SCALE_MAX (eqat.core.quantizer)
     scales_total: int = 0
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -139,8 +136,8 @@ class BlockwiseEngine:
         self.fingerprint = fingerprint or {}
         self.progress, self.on_block = progress, on_block
         self.blocks = decoder_blocks(model)
-        self.act_dtype = _dtype(config.act_dtype)
-        self.storage_dtype = _dtype(config.storage_dtype)
+        self.act_dtype = parse_dtype(config.act_dtype)
+        self.storage_dtype = parse_dtype(config.storage_dtype)
         self.records: list[BlockRecord] = []
 
     # ---- inputs of block 0 -------------------------------------------------------------

@@ -221,7 +221,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eqat.models.loading import check_model_dir, load_tokenizer, parse_dtype
+    from eqat.core.dtypes import parse_dtype
+    from eqat.models.loading import check_model_dir, load_tokenizer
 
     p = check_model_dir(path)
     meta = read_eqat_config(p)

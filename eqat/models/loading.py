@@ -10,18 +10,6 @@ from torch import nn
 
 from eqat.errors import EqatInputError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise EqatInputError(f"unknown dtype '{name}': use one of float32, float16, bfloat16.")
-    return DTYPES[name]
-
-
 def check_model_dir(path: str | Path) -> Path:
     """Raise `EqatInputError` unless `path` is a folder holding a causal-LM `config.json`."""
     p = Path(path).expanduser()

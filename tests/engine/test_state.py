@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +63,52 @@ def test_missing_state_is_none_and_unstorable_objects_are_named(tmp_path):
     assert storable({"a": (torch.ones(1), None, 2.0)}) and not storable({"f": print})
     with pytest.raises(TypeError, match="builtin_function"):
         save_state(tmp_path, "s", 1, {"f": print})
+
+
+def test_fingerprints_follow_the_fields_metadata():
+    """No list of keys to forget: every field counts unless it says `result=False`."""
+    import dataclasses
+
+    from eqat.engine.state import fingerprint_of
+    from eqat.methods import get_method
+    from eqat.methods.block_ap import BlockAPConfig
+    from eqat.methods.e2e_qp import E2EQPConfig
+    from eqat.options import QuantizeOptions
+
+    for cls in (BlockAPConfig, E2EQPConfig, QuantizeOptions):
+        fp = fingerprint_of(cls())
+        for f in dataclasses.fields(cls):
+            assert (f.name in fp) == f.metadata.get("result", True), (cls.__name__, f.name)
+    assert "offload" not in fingerprint_of(BlockAPConfig()) and "save_every" not in fingerprint_of(E2EQPConfig())
+
+    bap, e2e = get_method("block-ap"), get_method("e2e-qp")
+    opts = QuantizeOptions()
+    first, both = opts.fingerprint(Path("m"), [bap]), opts.fingerprint(Path("m"), [bap, e2e])
+    opts.config_for(e2e).lr = 1e-4  # a later phase's option leaves the earlier phase resumable
+    assert opts.fingerprint(Path("m"), [bap]) == first and opts.fingerprint(Path("m"), [bap, e2e]) != both
+    opts.config_for(bap).loss = "relative"
+    assert opts.fingerprint(Path("m"), [bap]) != first
+    opts.config_for(bap).offload, opts.out, opts.force = "disk", "elsewhere", True  # where, not what
+    changed = opts.fingerprint(Path("m"), [bap])
+    opts.config_for(bap).offload, opts.out, opts.force = "cpu", None, False
+    assert opts.fingerprint(Path("m"), [bap]) == changed
+    assert opts.fingerprint(Path("other"), [bap]) != changed and opts.fingerprint(Path("m"), [get_method("rtn")]) != changed
+
+
+def test_a_new_option_is_in_the_fingerprint_unless_it_says_otherwise():
+    from dataclasses import dataclass
+
+    from eqat.core.options import option
+    from eqat.engine.config import BlockwiseConfig
+    from eqat.engine.state import check_fingerprint, fingerprint_of
+
+    @dataclass
+    class NewConfig(BlockwiseConfig):
+        rank: int = option(8, "a new option")
+        log_every: int = option(5, "how often to print", result=False)
+
+    fp = fingerprint_of(NewConfig())
+    assert fp["rank"] == 8 and "log_every" not in fp
+    check_fingerprint(fp, fingerprint_of(NewConfig(log_every=1)), "folder", "a run")
+    with pytest.raises(EqatInputError, match="other settings"):
+        check_fingerprint(fp, fingerprint_of(NewConfig(rank=4)), "folder", "a run")

@@ -1,0 +1,127 @@
+"""What a run is asked to do: the option dataclasses of `eqat quantize`, `train-e2e` and `eval`.
+
+Each field is made with `option()` (eqat.core.options), so these classes are also the source of
+the CLI flags, the `--config` keys and the resume fingerprints (`QuantizeOptions.fingerprint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from eqat.core.options import option
+from eqat.core.scheme import QuantScheme
+from eqat.engine.state import fingerprint_of
+from eqat.errors import EqatInputError
+from eqat.methods import get_method, parse_plan
+from eqat.methods.base import BLOCKWISE, END_TO_END, Method
+
+DEFAULT_PLAN = "block-ap+e2e-qp"
+RESUME = "resume"
+FORCE_HELP = "Discard an existing output folder that eqat wrote (finished or not) and start over."
+FOREIGN_HELP = ("With --force: also replace a non-empty folder eqat did not write. The current folder, the home folder "
+                "and the run's inputs are never replaced.")
+
+
+@dataclass
+class EvalOptions:
+    data: str = option("wikitext2", "Evaluation text: wikitext2, c4, a .txt/.jsonl path, ...")
+    seqlen: int = option(2048, "Evaluation window length in tokens.")
+    max_windows: int | None = option(None, "Evaluate at most this many windows (bounds CPU time).")
+
+    def check(self) -> None:
+        """Refuse --seqlen < 2 and --max-windows < 1 before any work (EqatInputError)."""
+        from eqat.data.evaluate import check_windows
+
+        check_windows(self.seqlen, self.max_windows)
+
+
+@dataclass
+class CalibOptions:
+    """Calibration windows of block-wise methods (which hold out `val_samples` more)."""
+
+    data: str = option("c4", "Calibration text (block-wise methods): c4, c4-hub, redpajama, wikitext2-hub, a .txt/.jsonl path.")
+    nsamples: int = option(64, "Calibration windows to train on (block-wise methods).")
+    seqlen: int = option(256, "Calibration window length in tokens (block-wise methods).")
+    seed: int = option(0, "Seed for calibration sampling and shuffling (every trained phase).")
+
+
+@dataclass
+class QuantizeOptions:
+    model: str | None = option(None, "Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct.",
+                               flags=("--model", "-m"), result=False)  # the fingerprint holds the resolved path
+    method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method, then any "
+                                       "end-to-end ones (block-ap+e2e-qp, block-ap, rtn, rtn+e2e-qp).", result=False)
+    scheme: QuantScheme = option(factory=QuantScheme, cli=False)
+    out: str | None = option(None, "Output folder; default eqat-out/<model>-<scheme>-<method>.", param="out_dir",
+                             flags=("--out", "-o"), result=False)
+    dtype: str = option("float16", "Storage dtype of scales and zero-points: float16 or bfloat16.")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto.")
+    force: bool = option(False, FORCE_HELP, result=False)
+    replace_foreign: bool = option(False, FOREIGN_HELP, result=False)
+    evaluate: bool = option(True, "Measure perplexity before and after quantizing.", flags=("--eval/--no-eval",),
+                            result=False)
+    eval: EvalOptions = option(factory=EvalOptions, cli=False, result=False)
+    calib: CalibOptions = option(factory=CalibOptions, cli=False)
+    skip_e2e: bool = option(False, "Stop after the first method of --method (drop its end-to-end methods).", result=False)
+    configs: dict = option(factory=dict, cli=False)  # method name -> its config; a missing one: the defaults
+    progress: bool = option(True, cli=False, result=False)
+    allow_unquantized: bool = option(False, "Go on when more than 10% of the decoder blocks' weight matrices would stay "
+                                            "in full precision (e.g. fused MoE experts, which are not nn.Linear); "
+                                            "report.json records the share.", result=False)
+
+    def plan(self) -> list[Method]:
+        return parse_plan(self.method, self.skip_e2e)
+
+    def config_for(self, method: Method) -> Any:
+        return self.configs.setdefault(method.name, method.config())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as recorded in report.json and run_config.json (the plan's configs only)."""
+        plan = self.plan()
+        d = {k: v for k, v in asdict(self).items() if k != "configs"}
+        d["scheme"] = self.scheme.to_dict()
+        d["plan"] = [m.name for m in plan]
+        d["methods"] = {m.name: asdict(self.config_for(m)) for m in plan}
+        if plan[0].phase != BLOCKWISE:
+            d.pop("calib")
+        return d
+
+    def fingerprint(self, model_path: Path, upto: list[Method]) -> dict[str, Any]:
+        """What shapes the model after the phases `upto` (a prefix of the plan); a resumed phase must match it."""
+        fp = fingerprint_of(self)
+        fp.pop("configs"), fp.pop("calib")
+        fp["model_path"] = str(model_path)
+        if upto[0].phase == BLOCKWISE:
+            fp["calib"] = fingerprint_of(self.calib)
+        fp["methods"] = {m.name: fingerprint_of(self.config_for(m)) for m in upto}
+        return fp
+
+
+@dataclass
+class TrainE2EOptions:
+    checkpoint: str = option("", cli=False)
+    out: str | None = option(None, "Output folder; default <checkpoint>-e2e.", param="out_dir", flags=("--out", "-o"),
+                             result=False)
+    method: str = option("e2e-qp", "End-to-end method(s) to run, joined by '+'.", result=False)
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto.")
+    force: bool = option(False, FORCE_HELP, result=False)
+    replace_foreign: bool = option(False, FOREIGN_HELP, result=False)
+    evaluate: bool = option(True, "Measure perplexity before and after.", flags=("--eval/--no-eval",), result=False)
+    eval: EvalOptions = option(factory=EvalOptions, cli=False, result=False)
+    seed: int = option(0, "Seed for sampling and shuffling the training sequences.")
+    configs: dict = option(factory=dict, cli=False)
+    progress: bool = option(True, cli=False, result=False)
+
+    def plan(self) -> list[Method]:
+        names = [n.strip() for n in self.method.split("+")]
+        methods = [get_method(n) for n in names if n]
+        wrong = [m.name for m in methods if m.phase != END_TO_END]
+        if not methods or wrong:
+            raise EqatInputError(f"train-e2e --method takes end-to-end methods (e.g. e2e-qp), not '{self.method}'; "
+                                 "make a checkpoint with `eqat quantize --method ...` first.")
+        return methods
+
+    def config_for(self, method: Method) -> Any:
+        return self.configs.setdefault(method.name, method.config())
