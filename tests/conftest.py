@@ -85,6 +85,21 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return make
 
 
+def blockwise_killed_after(block: int):
+    """A stand-in for `BlockwiseEngine._save_block` that saves, then raises KeyboardInterrupt (a kill)
+    once block `block` is saved; call it before patching."""
+    from eqat.engine.blockwise import BlockwiseEngine
+
+    original = BlockwiseEngine._save_block
+
+    def killed(self, i):
+        original(self, i)
+        if i == block:
+            raise KeyboardInterrupt
+
+    return killed
+
+
 def e2e_killed_at(step: int):
     """A stand-in for `EndToEndEngine._step_batches` that raises KeyboardInterrupt (a kill) when
     optimizer step `step` begins; call it before patching."""

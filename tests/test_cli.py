@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import e2e_killed_at
+from tests.conftest import blockwise_killed_after, e2e_killed_at
 
 
 @pytest.fixture
@@ -120,13 +120,7 @@ def test_block_ap_run_resumes_after_kill_and_matches(cli, tiny_model_dir, tmp_pa
     assert report["block_ap"]["peak_memory_bytes"] > 0
 
     save_block = BlockwiseEngine._save_block
-
-    def killed_after_block_0(self, i):
-        save_block(self, i)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockwiseEngine, "_save_block", killed_after_block_0)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", blockwise_killed_after(1))
     out = tmp_path / "run"
     code, _, _ = cli("quantize", "--out", str(out), *args)
     assert code == 130 and not (out / "eqat_config.json").exists()

@@ -66,13 +66,10 @@ def test_the_payload_is_live(tmp_path):
 def _killed_block_ap_run(cli, monkeypatch, args: list[str], out: Path) -> None:
     from eqat.engine.blockwise import BlockwiseEngine
 
+    from tests.conftest import blockwise_killed_after
+
     save_block = BlockwiseEngine._save_block
-
-    def killed_after_block_0(self, i):
-        save_block(self, i)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockwiseEngine, "_save_block", killed_after_block_0)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", blockwise_killed_after(0))
     code, _, _ = cli("quantize", "--out", str(out), *args)
     monkeypatch.setattr(BlockwiseEngine, "_save_block", save_block)
     assert code == 130 and (out / "resume" / "block_kwargs.json").is_file()

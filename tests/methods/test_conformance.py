@@ -42,17 +42,10 @@ def interrupt(monkeypatch, method):
     """Make the run stop like Ctrl-C in the middle of `method`'s phase (once)."""
     import eqat.pipeline
     from eqat.engine.blockwise import BlockwiseEngine
-    from tests.conftest import e2e_killed_at
+    from tests.conftest import blockwise_killed_after, e2e_killed_at
 
     if method.phase == "block-wise":
-        save = BlockwiseEngine._save_block
-
-        def killed_after_block_0(self, i):
-            save(self, i)
-            if i == 0:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(BlockwiseEngine, "_save_block", killed_after_block_0)
+        monkeypatch.setattr(BlockwiseEngine, "_save_block", blockwise_killed_after(0))
     elif method.phase == "end-to-end":
         from eqat.engine.end2end import EndToEndEngine
 
