@@ -106,10 +106,11 @@ def quantize(
     out.print(t)
     if report.get("blocks"):
         bt = Table(title="Block-AP: block output MSE on held-out windows")
-        for col in ("block", "before (RTN)", "after", "time s"):
+        for col in ("block", "before (RTN)", "after", "kept", "time s"):
             bt.add_column(col, justify="right")
         for b in report["blocks"]:
-            bt.add_row(str(b["block"]), f"{b['init_loss']:.4g}", f"{b['final_loss']:.4g}", f"{b['seconds']:.1f}")
+            kept = {0: "start", -1: "last"}.get(b.get("kept_epoch", -1), f"epoch {b.get('kept_epoch')}")
+            bt.add_row(str(b["block"]), f"{b['init_loss']:.4g}", f"{b['final_loss']:.4g}", kept, f"{b['seconds']:.1f}")
         out.print(bt)
         ba = report["block_ap"]
         out.print(f"peak memory {ba['peak_memory_bytes'] / 2**30:.2f} GiB, {ba['seconds_per_block']:.1f} s per block")

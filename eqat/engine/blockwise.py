@@ -76,6 +76,9 @@ class BlockRecord:
     lr_scale: float = 1.0
     scales_at_limit: int = 0  # stored scales at SCALE_MIN or SCALE_MAX (eqat.core.quantizer)
     scales_total: int = 0
+    kept_epoch: int = -1  # which packed state was kept: 0 = the start (RTN), k = after epoch k
+    fake_quant_loss: float | None = None  # held-out loss of the trained block before packing
+    heldout_losses: list[float] = field(default_factory=list)  # packed, at the start and after each epoch
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -91,6 +94,20 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _saved(i: int) -> str:
     return "no block is saved yet" if i == 0 else f"blocks 0-{i - 1} are saved"
+
+
+class _Best:
+    """The packed state with the lowest held-out loss among those offered (0: before training,
+    k: after epoch k); a non-finite loss is never kept over a finite one."""
+
+    def __init__(self, loss_of: Callable[[nn.Module], float]) -> None:
+        self.loss_of, self.block, self.loss, self.epoch, self.losses = loss_of, None, math.inf, -1, []
+
+    def offer(self, epoch: int, packed: nn.Module) -> None:
+        loss = self.loss_of(packed)
+        self.losses.append(loss)
+        if self.block is None or (math.isfinite(loss) and not loss >= self.loss):
+            self.block, self.loss, self.epoch = packed, loss, epoch
 
 
 class _Stop(Exception):
@@ -262,7 +279,8 @@ class BlockwiseEngine:
             dst[s : s + bs] = run_block(block, src[s : s + bs].to(self.device, torch.float32), kw).cpu()
 
     def _train(self, i: int, block: nn.Module, groups: list["ParamGroup"], xq: ActivationStream, yfp: ActivationStream,
-               n_train: int, kw, autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0) -> tuple[list[float], int]:
+               n_train: int, kw, autocast: bool, guard: NonFiniteGuard, lr_scale: float = 1.0,
+               on_epoch: Callable[[int], None] | None = None) -> tuple[list[float], int]:
         cfg = self.config
         params = [p for g in groups for p in g.params]
         opt = torch.optim.AdamW([{"params": g.params, "lr": g.lr * lr_scale} for g in groups],
@@ -276,7 +294,7 @@ class BlockwiseEngine:
         losses: list[float] = []
         bar = tqdm(total=total, desc=f"block {i + 1}/{len(self.blocks)}", unit="step", leave=False,
                    disable=not self.progress)
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             perm = torch.randperm(n_train, generator=gen)
             for s in range(0, n_train, cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
@@ -303,6 +321,8 @@ class BlockwiseEngine:
                 bar.update()
                 if losses:
                     bar.set_postfix(loss=f"{losses[-1]:.3g}", skipped=guard.skipped)
+            if on_epoch:
+                on_epoch(epoch + 1)
         bar.close()
         return losses, total
 
@@ -322,8 +342,13 @@ class BlockwiseEngine:
         while True:
             groups = self.method.prepare_block(block, self.scheme, cfg)
             init_loss = self._loss(block, xq, yfp, val, kw)
+            best = _Best(lambda b: self._loss(b, xq, yfp, val, kw))
+            if cfg.keep_best:
+                best.offer(0, self._packed(block))
+            on_epoch = (lambda e: best.offer(e, self._packed(block))) if cfg.keep_best else None
             try:
-                losses, steps = self._train(i, block, groups, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale)
+                losses, steps = self._train(i, block, groups, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale,
+                                            on_epoch)
                 break
             except NonFiniteRun as e:
                 self.blocks[i] = block = copy.deepcopy(backup)
@@ -337,8 +362,12 @@ class BlockwiseEngine:
                                     "the run resumes at this block: re-run with lower learning rates (e.g. --lr-weight/"
                                     "--lr-quant) or --act-dtype float32.") from e
                 lr_scale /= 2
-        self.method.freeze_block(block, cfg, self.storage_dtype)
-        final_loss = self._loss(block, xq, yfp, val, kw)
+        fake_quant_loss = self._loss(block, xq, yfp, val, kw)  # the trained block before packing
+        if cfg.keep_best:
+            block, final_loss, kept = best.block, best.loss, best.epoch
+        else:
+            self.method.freeze_block(block, cfg, self.storage_dtype)
+            final_loss, kept = self._loss(block, xq, yfp, val, kw), cfg.epochs
         self._check_finite(i, block, final_loss)
         at_limit, n_scales = scales_at_limits(block)
         xq_next = ActivationStream.create(p_q, (n, t, h), self.act_dtype, cfg.offload)
@@ -346,9 +375,16 @@ class BlockwiseEngine:
         self.blocks[i] = block.to("cpu")
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
-                          guard.skipped, restarts, lr_scale, at_limit, n_scales)
+                          guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses)
         self.records.append(rec)
         return yfp, xq_next
+
+    def _packed(self, block: nn.Module) -> nn.Module:
+        """A packed copy of the block being trained (the block itself is left as it is)."""
+        packed = copy.deepcopy(block)
+        with torch.no_grad():
+            self.method.freeze_block(packed, self.config, self.storage_dtype)
+        return packed
 
     def _check_finite(self, i: int, block: nn.Module, loss: float) -> None:
         """Stop (EqatError, exit 1) before saving block i when its packed form is broken."""

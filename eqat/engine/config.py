@@ -24,6 +24,8 @@ class BlockwiseConfig:
     min_lr_ratio: float = option(1 / 20, cli=False)
     val_samples: int = option(8, "Further windows held out to measure each block's loss.")
     act_dtype: str = option("bfloat16", "dtype of stored activations: bfloat16, float16, float32.")
+    keep_best: bool = option(True, "Keep each block's best packed state on the held-out windows (the start, i.e. RTN, "
+                                   "or the end of an epoch) instead of the last one.", flags=("--keep-best/--keep-last",))
     offload: str = option("cpu", "Where block activations live: cpu (memory) or disk (memory-mapped files).", result=False)
     storage_dtype: str = option("float16", cli=False)  # of scales and zero-points: the pipeline sets it from --dtype
     seed: int = option(0, cli=False)  # the pipeline sets it from --seed

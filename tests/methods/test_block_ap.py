@@ -126,3 +126,27 @@ def test_relative_loss_trains_and_is_recorded(tmp_path):
     assert all(0 < r.final_loss < 1 and 0 < r.init_loss < 1 for r in records)
     assert all(r.train_losses[-1] < 0.8 * r.train_losses[0] for r in records)
     assert records[0].final_loss < records[0].init_loss
+
+
+def test_a_block_never_ends_worse_than_its_start(tmp_path):
+    """Training that hurts (a learning rate 300x too high) keeps the packed RTN start; the record
+    says which state was kept and what each candidate scored."""
+    model, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3))
+    rtn = tiny_model()
+    quantize_rtn(rtn, SCHEME)
+    for r in records:
+        assert len(r.heldout_losses) == 1 + 3  # the start, then each of the 3 epochs
+        assert r.final_loss == min(r.heldout_losses) and r.heldout_losses[r.kept_epoch] == r.final_loss
+        assert r.final_loss <= r.heldout_losses[0] and r.fake_quant_loss is not None
+    assert any(r.kept_epoch == 0 for r in records), [r.heldout_losses for r in records]
+    block0 = [r for r in records if r.kept_epoch == 0]
+    if records[0].kept_epoch == 0:  # block 0 sees the same inputs as RTN's block 0: the same codes
+        q, ref = model.model.layers[0].self_attn.q_proj, rtn.model.layers[0].self_attn.q_proj
+        assert torch.equal(q.qweight, ref.qweight) and torch.equal(q.scales, ref.scales)
+    assert block0
+
+
+def test_keep_last_packs_the_last_state(tmp_path):
+    _, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, keep_best=False))
+    assert all(r.kept_epoch == 3 and r.heldout_losses == [] for r in records)
+    assert any(r.final_loss > r.init_loss for r in records)  # what keep_best prevents
