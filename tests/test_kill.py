@@ -60,7 +60,11 @@ def state_of(out):
 def wrote_since(out, since):
     """Whether the run has written into `out/resume` since wall time `since` (its first saved block
     or step: training is under way)."""
-    for f in (out / "resume").rglob("*"):
+    try:
+        files = list((out / "resume").rglob("*"))
+    except OSError:  # not there yet, or gone: the run finished and its checkpoint replaced resume/
+        return False
+    for f in files:
         try:
             if f.stat().st_mtime > since:
                 return True

@@ -207,9 +207,18 @@ def test_a_refused_run_leaves_no_empty_parents(cli, tiny_model_dir, tmp_path):
 def test_exploding_learning_rates_fail_and_save_nothing(cli, tiny_model_dir, calib, tmp_path):
     out = tmp_path / "o"
     code, _, err = cli("quantize", "--out", str(out), *q_args(tiny_model_dir(), calib, "--epochs", "1", "--lr-weight",
-                                                             "1e9", "--lr-quant", "1e9", "--skip-e2e"))
+                                                             "1e9", "--lr-quant", "1e9", "--skip-e2e", "--keep-last"))
     assert code == 1 and "Block-AP block" in err and "lower --lr-weight" in err
     assert not (out / "eqat_config.json").exists()
+    # with --keep-best (the default) a block that training broke keeps its packed RTN start instead
+    out = tmp_path / "best"
+    code, _, err = cli("quantize", "--out", str(out), *q_args(tiny_model_dir(), calib, "--epochs", "1", "--lr-weight",
+                                                             "1e9", "--lr-quant", "1e9", "--skip-e2e"))
+    if code == 0:
+        blocks = json.loads((out / "report.json").read_text())["blocks"]
+        assert all(b["kept_epoch"] == 0 for b in blocks), blocks
+    else:  # or the guard gave up first (non-finite steps), as with --keep-last: nothing saved
+        assert code == 1 and "Block-AP block" in err and not (out / "eqat_config.json").exists()
 
 
 def test_scales_out_of_range_are_clamped_in_packing_and_reported(cli, tiny_model_dir, calib, tmp_path):
@@ -219,7 +228,7 @@ def test_scales_out_of_range_are_clamped_in_packing_and_reported(cli, tiny_model
 
     out = tmp_path / "o"
     code, _, err = cli("quantize", "--out", str(out), *q_args(tiny_model_dir(), calib, "--lr-quant", "0.05", "--epochs", "2",
-                                                             "--skip-e2e"))
+                                                             "--skip-e2e", "--keep-last"))
     assert code == 0, err
     scales = [t.float() for k, t in load_file(str(out / "model.safetensors")).items() if k.endswith(".scales")]
     assert all(bool(((s >= SCALE_MIN) & (s <= SCALE_MAX)).all()) for s in scales)
