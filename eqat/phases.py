@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from eqat.core.scheme import QuantScheme
 from eqat.io.checkpoint import quantized_modules
 from eqat.io.report import plot_block_losses, plot_e2e_losses, plot_layer_errors
-from eqat.methods.base import BLOCKWISE, END_TO_END, Method
+from eqat.methods.base import BLOCKWISE, END_TO_END, Method, report_key
 from eqat.models.arch import quantizable_linears
 
 
@@ -50,7 +50,7 @@ def run_blockwise(model: nn.Module, method: Method, cfg: Any, scheme: QuantSchem
     records = engine.run(calib)
     outer.close()
     report["blocks"] = [asdict(r) for r in records]
-    report[method.name.replace("-", "_")] = {
+    report[report_key(method.name)] = {
         **method.describe(cfg, scheme),
         "peak_memory_bytes": peak_memory_bytes(torch.device(device)),
         "seconds_per_block": sum(r.seconds for r in records) / max(len(records), 1),
@@ -81,7 +81,7 @@ def plot_outputs(report: dict[str, Any], plan: list[Method], folder: Path, title
             plot_block_losses(report["blocks"], folder / "block_loss.png", title.format(m.label))
     k = 0
     for m in plan:
-        section = report.get(m.name.replace("-", "_"))
+        section = report.get(report_key(m.name))
         if m.phase == END_TO_END and section:
             name = "e2e_loss.png" if k == 0 else f"e2e-{k}_loss.png"
             plot_e2e_losses(section["log"], folder / name, title.format(m.label), section.get("val_loss_before"),

@@ -30,7 +30,7 @@ from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantize
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
 from eqat.io.report import environment, write_json
-from eqat.methods.base import BLOCKWISE, DATA_FREE, Method
+from eqat.methods.base import BLOCKWISE, DATA_FREE, Method, report_key
 from eqat.models.loading import load_model, model_size_bytes
 from eqat.options import RESUME, CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions  # noqa: F401  (CalibOptions: re-exported)
 from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
@@ -182,13 +182,13 @@ def _run_plan(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     else:
         fp = opts.fingerprint(model_path, [first])
         errors = run_blockwise(model, first, cfg, opts.scheme, out / RESUME, device, fp, calib, report, opts.progress)
-        report[first.name.replace("-", "_")]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
+        report[report_key(first.name)]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
                                                                "tokens": int(calib.numel())}
     report["quantize_seconds"] = time.perf_counter() - t_q
     t_e = time.perf_counter()
     for k, (m, d) in enumerate(zip(later, data)):
         fp = opts.fingerprint(model_path, plan[: k + 2])
-        report[m.name.replace("-", "_")] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
+        report[report_key(m.name)] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
                                                           device, fp, opts.progress)
     if later:
         report["e2e_seconds"] = time.perf_counter() - t_e
@@ -267,7 +267,7 @@ def _train_e2e(opts: TrainE2EOptions, plan: list[Method], src: Path, meta: dict,
         report["perplexity_before"] = ppl("before training")
     for k, (m, d) in enumerate(zip(plan, data)):
         fp = {"checkpoint": str(src.resolve()), "methods": {p.name: fingerprint_of(opts.config_for(p)) for p in plan[: k + 1]}}
-        report[m.name.replace("-", "_")] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
+        report[report_key(m.name)] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
                                                           device, fp, opts.progress)
     check_finite(model, "eqat train-e2e")
     if ids is not None:

@@ -16,6 +16,7 @@ from eqat.cli.common import (CONFIG, JSON, QUIET, _fmt_ppl, _print_e2e, _print_w
 from eqat.cli.config import save_config
 from eqat.cli.flags import Flag, apply, command_with, flags_of, merge
 from eqat.errors import EqatError
+from eqat.methods.base import report_key
 from eqat.options import CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions
 
 
@@ -195,7 +196,7 @@ def train_e2e(
             out.print(f"perplexity {_fmt_ppl(report['perplexity_before'])} -> {_fmt_ppl(report['perplexity'])} "
                       f"({report['perplexity']['windows']} windows x {report['perplexity']['seqlen']})")
         for m in report["options"]["methods"]:
-            _print_e2e(report[m.replace("-", "_")])
+            _print_e2e(report[report_key(m)])
         out.print(f"saved {report['output']} in {report['total_seconds']:.1f} s; report: {report['output']}/report.json")
 
 

@@ -106,6 +106,11 @@ class EndToEndMethod(Method):
         raise NotImplementedError
 
 
+def report_key(name: str) -> str:
+    """The report.json section of the method `name` (`block_ap`, `e2e_qp`)."""
+    return name.replace("-", "_")
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 
