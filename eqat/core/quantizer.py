@@ -80,14 +80,19 @@ def init_minmax(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     return scale, zero
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
+                  storage: torch.dtype | None = None) -> torch.Tensor:
     """Differentiable W_hat = (q - z) * s with STE; gradients reach w, scale and zero.
 
     w: [N, K]; scale, zero: [N, G]. Returns [N, K] in w's dtype (computed in float32).
+    `storage` (float16/bfloat16): use the scale rounded to the dtype it will be stored in, as the
+    packed layer does (straight-through), so training sees exactly the codes and weights that
+    packing produces; without it a weight near a rounding boundary can change code when packed.
     """
     g = scheme.group_size_for(w.shape[1])
     s, z = scale.float(), zero.float()
-    s = (s + (valid_scale(s) - s).detach()).unsqueeze(-1)  # the clamps of valid_*, straight-through
+    stored = valid_scale(s) if storage is None else valid_scale(s).to(storage).float()
+    s = (s + (stored - s).detach()).unsqueeze(-1)  # the clamps of valid_* and the storage cast, straight-through
     z = (z + (valid_zero(z, scheme) - z).detach()).unsqueeze(-1)
     q = torch.clamp(round_ste(_grouped(w.float(), g) / s) + z, 0, scheme.qmax)
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
@@ -117,9 +122,9 @@ class FakeQuantizer(nn.Module):
     For symmetric schemes the zero-point is a fixed buffer.
     """
 
-    def __init__(self, weight: torch.Tensor, scheme: QuantScheme) -> None:
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, storage: torch.dtype | None = None) -> None:
         super().__init__()
-        self.scheme = scheme
+        self.scheme, self.storage = scheme, storage
         scale, zero = init_minmax(weight, scheme)
         self.scale = nn.Parameter(scale)
         if scheme.symmetric:
@@ -128,7 +133,7 @@ class FakeQuantizer(nn.Module):
             self.zero = nn.Parameter(zero)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.scale, self.zero, self.scheme)
+        return fake_quantize(w, self.scale, self.zero, self.scheme, self.storage)
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         return quantize_codes(w, self.scale, self.zero, self.scheme)

@@ -9,6 +9,7 @@ then the weights are rounded with the learned scale and zero and packed. The blo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from eqat.core.dtypes import parse_dtype
 from eqat.core.options import option
 from eqat.core.scheme import QuantScheme
 from eqat.engine.blockwise import BlockRecord, BlockwiseEngine
@@ -24,23 +26,43 @@ from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, get_method, register_method
 from eqat.methods.fakequant import freeze_block, trainable_groups, wrap_block
 
-LOSSES = ("mse", "relative")
+LOSSES = ("mse", "relative", "sink", "clamp")
 
 
-def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token reconstruction loss [..., T] of block outputs [..., T, H] (float32).
+def _typical_rms(target: torch.Tensor) -> torch.Tensor:
+    """Median over each window's tokens of the per-token RMS, [..., 1, 1] (float32)."""
+    return target.pow(2).mean(-1).sqrt().median(-1).values[..., None, None]
+
+
+def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str, outlier_ratio: float = 20.0,
+               sink_weight: float = 1.0) -> torch.Tensor:
+    """Per-token reconstruction loss [..., T] of block outputs [..., T, H] (computed in float32).
 
     "mse": mean squared error over the hidden size (the paper's loss, up to a constant).
-    "relative": ||out - target||^2 / ||target||^2 per token. Some tokens (attention sinks, often
-    the first of a window) carry "massive activations" hundreds of times larger than the rest
-    (channel 507 of SmolLM2 reaches 2.4e4 after block 11); under plain MSE they are ~98% of the
-    loss, so later blocks learn nothing else. The next block sees RMSNorm(x), i.e. each token's
-    relative error, which is what "relative" weighs equally across tokens.
+    "relative": ||out - target||^2 / ||target||^2 per token.
+    Some tokens (attention sinks, often the first of a window) carry "massive activations"
+    hundreds of times larger than the rest (channel 507 of SmolLM2 reaches 2.4e4 after block 11,
+    typical tokens have an RMS of ~6); under plain MSE they are ~98% of the loss, so later blocks
+    learn nothing else (docs/block-ap.md). Two losses keep plain MSE for ordinary tokens and
+    count only the relative error of the outliers, measured against `m`, each window's median
+    token RMS:
+    "sink": a token whose RMS exceeds `outlier_ratio * m` counts `sink_weight` times a typical
+    token with the same relative error (its squared error scaled by sink_weight * (m / rms)^2).
+    "clamp": per entry, the squared error of an entry larger than `outlier_ratio * m` is scaled
+    by (outlier_ratio * m / |target|)^2, so the sink token's ordinary channels keep their weight.
     """
-    err = (out.float() - target.float()).pow(2)
+    out, target = out.float(), target.float()
+    err = (out - target).pow(2)
     if kind == "mse":
         return err.mean(-1)
-    return err.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)
+    if kind == "relative":
+        return err.sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
+    limit = outlier_ratio * _typical_rms(target)
+    if kind == "clamp":
+        return (err * (limit / target.abs().clamp_min(1e-12)).pow(2).clamp(max=1.0)).mean(-1)
+    rms = target.pow(2).mean(-1, keepdim=True).sqrt()
+    weight = torch.where(rms > limit, sink_weight * (limit / outlier_ratio / rms.clamp_min(1e-12)).pow(2), 1.0)
+    return (err * weight).mean(-1)
 
 
 @dataclass
@@ -51,8 +73,12 @@ class BlockAPConfig(BlockwiseConfig):
     lr_weight: float | None = option(None, "Weight learning rate; default 3e-3 at 2 bits, 1e-3 at 3/4/8 "
                                            "(docs/block-ap.md).")
     lr_quant: float = option(1e-3, "Learning rate of scales and zero-points.")
-    loss: str = option("mse", "Block reconstruction loss: mse (the paper) or relative (per-token, robust to "
-                              "massive activations).")
+    loss: str = option("mse", "Block reconstruction loss: mse (the paper), relative (per token), sink or clamp "
+                              "(MSE, with outlier tokens or entries counted by relative error; docs/block-ap.md).")
+    outlier_ratio: float = option(20.0, "For --loss sink/clamp: a token (sink) or entry (clamp) is an outlier above "
+                                        "this multiple of the window's median token RMS.")
+    sink_weight: float = option(1.0, "For --loss sink: an outlier token counts this many typical tokens with the same "
+                                     "relative error.")
 
     def weight_lr(self, bits: int) -> float:
         if self.lr_weight is not None:
@@ -63,6 +89,9 @@ class BlockAPConfig(BlockwiseConfig):
         super().check()
         if self.loss not in LOSSES:
             raise EqatInputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
+        for flag, value in (("--outlier-ratio", self.outlier_ratio), ("--sink-weight", self.sink_weight)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise EqatInputError(f"{flag} must be a positive number, got {value!r}.")
         check_lr("--lr-weight", self.lr_weight, "docs/block-ap.md")
         check_lr("--lr-quant", self.lr_quant, "docs/block-ap.md")
 
@@ -75,12 +104,12 @@ class BlockAP(BlockwiseMethod):
     summary = "EfficientQAT phase 1: weights, scales and zero-points of each block trained by reconstruction"
 
     def prepare_block(self, block: nn.Module, scheme: QuantScheme, cfg: BlockAPConfig) -> list[ParamGroup]:
-        wrap_block(block, scheme)
+        wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))
         weights, qparams = trainable_groups(block)
         return [ParamGroup("weights", weights, cfg.weight_lr(scheme.bits)), ParamGroup("quant", qparams, cfg.lr_quant)]
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: BlockAPConfig) -> torch.Tensor:
-        return recon_loss(out, target, cfg.loss)
+        return recon_loss(out, target, cfg.loss, cfg.outlier_ratio, cfg.sink_weight)
 
     def freeze_block(self, block: nn.Module, cfg: BlockAPConfig, dtype: torch.dtype) -> None:
         freeze_block(block, dtype)

@@ -22,13 +22,13 @@ from eqat.models.arch import replace_module
 class FakeQuantLinear(nn.Module):
     """y = x @ fake_quantize(W)^T + b. weight float32 [N, K] (trainable), bias frozen."""
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme) -> None:
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, storage: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.scheme = linear.in_features, linear.out_features, scheme
         self.weight = nn.Parameter(linear.weight.detach().float().clone())
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
-        self.quantizer = FakeQuantizer(self.weight, scheme)
+        self.quantizer = FakeQuantizer(self.weight, scheme, storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantizer(self.weight)
@@ -42,12 +42,13 @@ class FakeQuantLinear(nn.Module):
         )
 
 
-def wrap_block(block: nn.Module, scheme: QuantScheme) -> dict[str, FakeQuantLinear]:
-    """Replace every nn.Linear of `block` by a FakeQuantLinear (RTN-initialised), in place."""
+def wrap_block(block: nn.Module, scheme: QuantScheme, storage: torch.dtype | None = None) -> dict[str, FakeQuantLinear]:
+    """Replace every nn.Linear of `block` by a FakeQuantLinear (RTN-initialised), in place; `storage`:
+    the dtype the scales will be packed in (training then sees the stored scales, eqat.core.quantizer)."""
     wrapped = {}
     for name, lin in block_linears(block).items():
         scheme.check_layer(name, lin.in_features)
-        wrapped[name] = FakeQuantLinear(lin, scheme).to(lin.weight.device)
+        wrapped[name] = FakeQuantLinear(lin, scheme, storage).to(lin.weight.device)
         replace_module(block, name, wrapped[name])
     return wrapped
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,3 +90,22 @@ def test_packed_layer_agrees_with_training_forward_for_out_of_range_scales():
     torch.testing.assert_close(layer.dequantize(), fq(w), rtol=0, atol=0)
     for dtype in (torch.float16, torch.bfloat16):  # the limits survive the storage cast exactly
         assert valid_scale(torch.tensor([-1.0, 1e9])).to(dtype).float().tolist() == [SCALE_MIN, SCALE_MAX]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fake_quant_at_the_storage_dtype_is_the_packed_layer(dtype):
+    """Trained scales are not storable values; with `storage` the training forward uses the stored
+    scale, so the packed layer dequantizes to exactly what training saw (same codes too)."""
+    from eqat.core.qlinear import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    scheme = QuantScheme(2, 32)
+    s, z = init_minmax(w, scheme)
+    s = (s * (1 + 3e-3 * torch.randn(s.shape, generator=g))).requires_grad_()
+    packed = QuantLinear.from_weight(w, scheme, scale=s, zero=z, dtype=dtype)
+    w_hat = fake_quantize(w, s, z, scheme, dtype)
+    assert torch.equal(w_hat, packed.dequantize())
+    assert not torch.equal(fake_quantize(w, s, z, scheme), packed.dequantize())
+    w_hat.sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0  # the cast is straight-through

@@ -120,6 +120,63 @@ def test_relative_loss_weighs_tokens_equally():
     assert torch.allclose(rel, torch.full((1, 3), 0.01))
 
 
+def sink_window(t=40, h=8):
+    """One window of ordinary tokens (RMS ~1) whose first token holds one massive entry."""
+    y = torch.randn(1, t, h, generator=torch.Generator().manual_seed(0))
+    y[0, 0, 3] = 1000.0
+    return y
+
+
+def test_sink_loss_is_mse_for_ordinary_tokens_and_relative_for_the_sink():
+    from eqat.methods.block_ap import recon_loss
+
+    y = sink_window()
+    out = y * 1.1
+    mse, sink = recon_loss(out, y, "mse"), recon_loss(out, y, "sink", outlier_ratio=20.0, sink_weight=1.0)
+    torch.testing.assert_close(sink[0, 1:], mse[0, 1:])  # ordinary tokens: plain MSE
+    m = y.pow(2).mean(-1).sqrt().median()
+    rms0 = y[0, 0].pow(2).mean().sqrt()
+    torch.testing.assert_close(sink[0, 0], mse[0, 0] * (m / rms0) ** 2)  # the sink: like a typical token, same rel. error
+    heavy = recon_loss(out, y, "sink", sink_weight=100.0)
+    torch.testing.assert_close(heavy[0, 0], 100 * sink[0, 0])
+    torch.testing.assert_close(heavy[0, 1:], sink[0, 1:])
+
+
+def test_clamp_loss_scales_only_the_massive_entries():
+    from eqat.methods.block_ap import recon_loss
+
+    y = sink_window()
+    out = y.clone()
+    out[0, 0, 3] += 10.0  # 1% error on the massive entry
+    out[0, 0, 0] += 0.5  # and an ordinary error on another channel of the same token
+    clamp, mse = recon_loss(out, y, "clamp"), recon_loss(out, y, "mse")
+    limit = 20.0 * y.pow(2).mean(-1).sqrt().median()
+    expected = (0.5**2 + 10.0**2 * (limit / 1000.0) ** 2) / y.shape[-1]
+    torch.testing.assert_close(clamp[0, 0], expected.float())
+    assert mse[0, 0] > 50 * clamp[0, 0]
+    assert torch.all(clamp[0, 1:] == 0)
+
+
+@pytest.mark.parametrize("bad", [dict(outlier_ratio=0.0), dict(sink_weight=-1.0), dict(sink_weight=float("nan"))])
+def test_bad_outlier_options(tmp_path, bad):
+    with pytest.raises(EqatInputError, match="positive"):
+        BlockAPTrainer(tiny_model(), SCHEME, cfg(loss="sink", **bad), tmp_path / "x")
+
+
+def test_the_packed_block_computes_what_training_saw(tmp_path):
+    """Training fake-quantizes with the scales as they will be stored, so the trained block before
+    packing and the packed block after the last epoch score the same on the held-out windows."""
+    _, records = train(tmp_path, config=cfg(keep_best=True))
+    for r in records:
+        assert r.fake_quant_loss == pytest.approx(r.heldout_losses[-1], rel=1e-5)
+
+
+def test_sink_loss_trains(tmp_path):
+    _, records = train(tmp_path, config=cfg(loss="sink", sink_weight=10.0))
+    assert all(r.final_loss <= r.init_loss for r in records)
+    assert records[0].train_losses[-1] < records[0].train_losses[0]
+
+
 def test_relative_loss_trains_and_is_recorded(tmp_path):
     _, records = train(tmp_path, config=cfg(loss="relative"))
     # relative per-token errors: well below 1; training lowers the training loss of every block
