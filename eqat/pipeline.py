@@ -82,7 +82,25 @@ def _prepare_output(out: Path, resumable: bool, force: bool) -> bool:
     return False
 
 
-def _check_quantize(opts: QuantizeOptions) -> tuple[list[Method], torch.dtype]:
+def _set_teacher(cfg: Any, default: str | None) -> None:
+    """A distilling end-to-end config's teacher: `default` (the quantized model) unless one was given;
+    the folder is checked now, before any work."""
+    from eqat.models.loading import check_model_dir
+
+    if not (hasattr(cfg, "distills") and cfg.distills()):
+        return
+    if not cfg.teacher:
+        if not default:
+            raise EqatInputError("--e2e-loss kd/mix needs the full-precision teacher and the checkpoint does not name "
+                                 "its base model: pass --e2e-teacher MODEL_FOLDER.")
+        cfg.teacher = str(default)
+    try:
+        cfg.teacher = str(check_model_dir(Path(cfg.teacher).expanduser()))
+    except EqatInputError as e:
+        raise EqatInputError(f"the distillation teacher (--e2e-teacher): {e}") from e
+
+
+def _check_quantize(opts: QuantizeOptions, model_path: Path) -> tuple[list[Method], torch.dtype]:
     """Every option checked before any work: the plan and each of its methods' configs."""
     plan = opts.plan()
     opts.eval.check()
@@ -97,6 +115,7 @@ def _check_quantize(opts: QuantizeOptions) -> tuple[list[Method], torch.dtype]:
             cfg.seed = opts.calib.seed
         if hasattr(cfg, "check"):
             cfg.check()
+        _set_teacher(cfg, model_path)
     return plan, storage
 
 
@@ -104,7 +123,7 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     """Load, (evaluate,) run the plan, (evaluate,) save. Returns the report that is also saved.
     One run per output folder: a second one refuses while this holds the folder's lock."""
     model_path = resolve_model(opts.model)
-    plan, storage = _check_quantize(opts)
+    plan, storage = _check_quantize(opts, model_path)
     name = "+".join(m.name for m in plan)
     out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{name}")
     check_output(out, [model_path], opts.force, opts.replace_foreign)
@@ -235,6 +254,7 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
     for m in plan:
         opts.config_for(m).seed = opts.seed
         opts.config_for(m).check()
+        _set_teacher(opts.config_for(m), meta.get("provenance", {}).get("base_model"))
     opts.eval.check()
     device = resolve_device(opts.device)
     out = resolve_out(opts.out or src.with_name(src.name + "-e2e"))

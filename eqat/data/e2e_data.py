@@ -26,17 +26,25 @@ IGNORE = -100
 
 @dataclass
 class E2EData:
-    """input_ids, labels (IGNORE where no loss), attention_mask: LongTensor [n, T] each."""
+    """input_ids, labels (IGNORE where no loss), attention_mask: LongTensor [n, T] each.
+
+    For distillation a method may attach the teacher's k largest next-token logits of every
+    position: `teacher_logits` float32 [n, T-1, k] and their token ids `teacher_ids` int32
+    [n, T-1, k]; position t predicts token t+1, as the shifted labels do.
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    teacher_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, idx) -> "E2EData":
-        return E2EData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx])
+        teacher = (None, None) if self.teacher_logits is None else (self.teacher_logits[idx], self.teacher_ids[idx])
+        return E2EData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx], *teacher)
 
     def predicted_tokens(self) -> int:
         """Tokens that carry loss (labels shifted by one, as the causal-LM loss counts them)."""

@@ -166,7 +166,7 @@ class EndToEndEngine:
         state = self._load()
         if state is None:
             return 0, [], 0.0, 0, mean_nll(self.model, val, self.config.batch_size, self.device, self.autocast,
-                                            self.method.loss_sum)
+                                            self.method.heldout_loss_sum)
         try:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -190,6 +190,7 @@ class EndToEndEngine:
     def run(self, train: E2EData, val: E2EData) -> E2EResult:
         cfg = self.config
         model = self.model.to(self.device)
+        train = self.method.prepare_data(model, train, cfg, self.state_dir, self.device)
         groups = self._prepare()
         params = list(self.params.values())
         total = cfg.total_steps(len(train))
@@ -246,7 +247,7 @@ class EndToEndEngine:
             _checkpointing(model, False)
         model.eval()
         self.method.finalize_model(model, self.config)
-        val_after = mean_nll(model, val, self.config.batch_size, self.device, self.autocast, self.method.loss_sum)
+        val_after = mean_nll(model, val, self.config.batch_size, self.device, self.autocast, self.method.heldout_loss_sum)
         if val_after is not None and not math.isfinite(val_after):
             raise EqatError(f"{name}: the held-out loss after training is {val_after}: the trained parameters break the "
                             f"model; lower the learning rate (the step checkpoint in {self.state_dir} is kept; --force "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -92,8 +93,20 @@ class EndToEndMethod(Method):
         """Make the trained parameters trainable (everything else frozen); the groups to train."""
         raise NotImplementedError
 
+    def prepare_data(self, model: nn.Module, train: Any, cfg: Any, state_dir: Path, device: torch.device) -> Any:
+        """Before training: return the training E2EData, with whatever the method adds (E2E-QP's
+        distillation attaches the teacher's top-k logits); `state_dir` may hold a cache of it."""
+        return train
+
     def loss_sum(self, model: nn.Module, batch: Any, device: torch.device, autocast: bool) -> torch.Tensor:
-        """Summed loss over the labelled tokens of `batch` (an E2EData); default: next-token NLL."""
+        """Summed training loss over the labelled tokens of `batch` (an E2EData); default: next-token NLL."""
+        from eqat.engine.end2end import lm_loss_sum
+
+        return lm_loss_sum(model, batch, device, autocast)
+
+    def heldout_loss_sum(self, model: nn.Module, batch: Any, device: torch.device, autocast: bool) -> torch.Tensor:
+        """Summed loss the held-out sequences are scored with, before and after training: next-token
+        NLL, so runs with different training losses compare."""
         from eqat.engine.end2end import lm_loss_sum
 
         return lm_loss_sum(model, batch, device, autocast)

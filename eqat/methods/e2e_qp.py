@@ -1,7 +1,8 @@
 """E2E-QP (EfficientQAT phase 2): train the step sizes end to end on a frozen, packed backbone.
 
 The model's `QuantLinear`s keep their packed integer codes; only their `scales` train (optionally
-the zero-points too, `train_zeros`), on the causal-LM loss. Each QuantLinear dequantizes inside its
+the zero-points too, `train_zeros`), on the causal-LM loss or distilled from the full-precision
+model's logits (`loss` kd/mix, eqat.methods.distill). Each QuantLinear dequantizes inside its
 forward and its backward (`PackedLinearFunction`), so no full-precision copy of the backbone exists:
 memory is the packed weights, the activations and AdamW state for ~1/g of the weights.
 
@@ -12,6 +13,7 @@ end-to-end engine (eqat.engine.end2end) does the rest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,11 @@ from eqat.core.options import option
 from eqat.core.quantizer import SCALE_MAX, SCALE_MIN, valid_zero
 from eqat.engine.config import EndToEndConfig, check_lr
 from eqat.engine.end2end import EndToEndEngine, lm_loss_sum, mean_nll  # noqa: F401  (re-exported)
+from eqat.data.e2e_data import E2EData
+from eqat.errors import EqatInputError
 from eqat.io.checkpoint import quantized_modules
 from eqat.methods.base import EndToEndMethod, ParamGroup, get_method, register_method
+from eqat.methods.distill import LOSSES, TEACHER_LOGITS, cached_teacher_topk, kd_sum, load_teacher, logits_of, nll_sum
 
 
 @dataclass
@@ -35,6 +40,18 @@ class E2EQPConfig(EndToEndConfig):
     lr: float | None = option(None, "Learning rate of the scales; default 1e-3 at 2 bits, 5e-4 at 3/4/8 "
                                     "(docs/e2e-qp.md).")
     train_zeros: bool = option(False, "Also train the zero-points (kept on the integer grid).")
+    loss: str = option("nll", "Training loss: nll (next token, the paper), kd (KL from the full-precision teacher's "
+                              "logits), mix (kd-weight x kd + the rest x nll); docs/e2e-qp.md.")
+    kd_weight: float = option(0.5, "For --e2e-loss mix: the weight of the KL term (0-1).")
+    kd_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL (scaled back by T^2).")
+    teacher: str = option("", "Teacher model folder for kd/mix; default: the model that was quantized (train-e2e: "
+                              "the checkpoint's base_model).")
+    teacher_logits: str = option("topk", "live (the teacher runs every step: exact KL, its weights in memory) or topk "
+                                         "(its top-k logits computed once and cached in the resume folder).")
+    kd_topk: int = option(64, "Teacher logits kept per position with --e2e-teacher-logits topk.")
+
+    def distills(self) -> bool:
+        return self.loss != "nll"
 
     def lr_for(self, bits: int) -> float:
         if self.lr is not None:
@@ -44,6 +61,16 @@ class E2EQPConfig(EndToEndConfig):
     def check(self) -> None:
         super().check()
         check_lr("--e2e-lr", self.lr, "docs/e2e-qp.md")
+        if self.loss not in LOSSES:
+            raise EqatInputError(f"--e2e-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
+        if self.teacher_logits not in TEACHER_LOGITS:
+            raise EqatInputError(f"--e2e-teacher-logits must be live or topk, got '{self.teacher_logits}'.")
+        if not 0 <= self.kd_weight <= 1:
+            raise EqatInputError(f"--e2e-kd-weight must be between 0 and 1, got {self.kd_weight}.")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise EqatInputError(f"--e2e-kd-temperature must be a positive number, got {self.kd_temperature}.")
+        if self.kd_topk < 1:
+            raise EqatInputError(f"--e2e-kd-topk must be at least 1, got {self.kd_topk}.")
 
 
 @register_method
@@ -68,6 +95,31 @@ class E2EQP(EndToEndMethod):
                 params.append(m.zeros)
         return [ParamGroup("quant", params, cfg.lr_for(next(iter(qmods.values())).scheme.bits))]
 
+    def prepare_data(self, model: nn.Module, train: E2EData, cfg: E2EQPConfig, state_dir: Path,
+                     device: torch.device) -> E2EData:
+        """For kd/mix: the teacher beside the model (live), or its top-k logits attached to `train`."""
+        self.cfg, self.teacher = cfg, None
+        if not cfg.distills():
+            return train
+        if cfg.teacher_logits == "live":
+            self.teacher = load_teacher(cfg.teacher, model).to(device)
+            return train
+        return cached_teacher_topk(state_dir, cfg.teacher, model, train, cfg.kd_topk, cfg.batch_size, device)
+
+    def loss_sum(self, model: nn.Module, batch: E2EData, device: torch.device, autocast: bool) -> torch.Tensor:
+        cfg = getattr(self, "cfg", None)
+        if cfg is None or not cfg.distills():
+            return super().loss_sum(model, batch, device, autocast)
+        logits = logits_of(model, batch, device, autocast)
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = logits_of(self.teacher, batch, device, autocast)
+        kd = kd_sum(logits, batch, cfg.kd_temperature, teacher)
+        if cfg.loss == "kd":
+            return kd
+        return cfg.kd_weight * kd + (1 - cfg.kd_weight) * nll_sum(logits, batch)
+
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Adam moves every scale by up to ~lr per step whatever its size, so a small one could
@@ -76,6 +128,7 @@ class E2EQP(EndToEndMethod):
             m.scales.clamp_(SCALE_MIN, SCALE_MAX)
 
     def finalize_model(self, model: nn.Module, cfg: E2EQPConfig) -> None:
+        self.teacher = None
         for m in quantized_modules(model).values():
             m.scales = nn.Parameter(m.scales.detach().to(self.storage), requires_grad=False)
             zeros = valid_zero(m.zeros.detach(), m.scheme)
