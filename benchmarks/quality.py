@@ -1,14 +1,22 @@
 """Perplexity and wall time of each quantization method on SmolLM2 (or --model), WikiText-2 test.
 
-Methods: fp (unquantized), rtn, gptq (GPTQModel, needs `pip install gptqmodel`), block-ap
-(eqat), block-ap+e2e (eqat Block-AP, then E2E-QP through `eqat train-e2e` in its own process,
-with full-precision AdamW fine-tuning of the same model measured beside it for memory,
-benchmarks/fp_finetune_memory.py). GPTQ and Block-AP get the same calibration windows (C4
-sample, --nsamples x --calib-seqlen, --seed); E2E-QP trains on C4 windows with its defaults. Rows are merged into benchmarks/results/<name>.json (a row is
-replaced when the same method and scheme are run again with the same settings), and the
-markdown table <name>.md is rewritten. Run:
+Methods: fp (unquantized), rtn, gptq (GPTQModel, needs `pip install gptqmodel`), autoround and
+autoround-defaults (Intel AutoRound, `scripts/install_autoround.sh`, run by
+benchmarks/autoround_run.py with --autoround-python in its own process), block-ap (eqat),
+block-ap+e2e (eqat Block-AP, then E2E-QP through `eqat train-e2e` in its own process, with
+full-precision AdamW fine-tuning of the same model measured beside it for memory,
+benchmarks/fp_finetune_memory.py). GPTQ, autoround and Block-AP get the same calibration windows
+(C4 sample, --nsamples x --calib-seqlen, --seed); autoround tunes each block for
+--autoround-iters steps (AutoRound's default 200), asymmetric like eqat's schemes.
+autoround-defaults keeps AutoRound's own nsamples x seqlen (128 x 2048) and iters (200), on C4
+windows (--calib-data, --seed) since its default data set (NeelNanda/pile-10k) needs the Hub.
+AutoRound runs in float32 (amp off) like the other methods, and is evaluated on its own
+dequantized weights. E2E-QP trains on C4 windows with its defaults. Rows are merged into
+benchmarks/results/<name>.json (a row is replaced when the same method and scheme are run again
+with the same settings), and the markdown table <name>.md is rewritten. Run:
 
     python benchmarks/quality.py --methods fp,rtn,gptq,block-ap --schemes w2g64,w3g64,w4g64 --max-windows 16
+    scripts/install_autoround.sh && python benchmarks/quality.py --methods autoround,autoround-defaults
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ from eqat.methods.rtn import quantize_rtn
 
 RESULTS = Path(__file__).parent / "results"
 GPTQ_CONCAT = 4
+# where scripts/install_autoround.sh puts auto-round when it cannot share this environment
+AUTOROUND_VENV = Path(os.environ.get("EQAT_AUTOROUND_VENV", Path.home() / ".cache" / "eqat" / "venvs" / "autoround"))
+# auto-round 0.16.1's own defaults (AutoRound(nsamples=, seqlen=), SignRoundConfig(iters=)), for
+# autoround-defaults; autoround_run.py records the values it ran with
+AUTOROUND_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "iters": 200}
 
 
 def run_gptq(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir: Path) -> tuple[torch.nn.Module, dict]:
@@ -78,6 +91,44 @@ def run_gptq(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir
                                             "offload_to_disk")}
     return loaded, {"method_seconds": seconds, "gptq_config": cfg, "gptq_rows": list(rows.shape),
                     "fp16_vs_fp32_logit_max_diff": max_diff}
+
+
+def default_autoround_python() -> str:
+    """The install script's virtualenv when there is one, else this Python (where it installs
+    auto-round when the pins fit)."""
+    venv = AUTOROUND_VENV / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+def run_autoround(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, workdir: Path, python: str,
+                  iters: int | None, seed: int) -> tuple[torch.nn.Module, dict]:
+    """AutoRound through benchmarks/autoround_run.py run by `python`, on the windows `calib`;
+    `iters` None means AutoRound's own defaults (nsamples, seqlen, iters). Its result, a float32
+    HF folder of its dequantized weights, is kept in `workdir` (a finished one is reused)."""
+    from safetensors.torch import save_file
+
+    n, t = calib.shape
+    tag = "defaults" if iters is None else f"iters{iters}"
+    out = workdir / f"autoround-{model_path.name}-{scheme.name}-{n}x{t}-seed{seed}-{tag}"
+    timing = out / "bench_seconds.json"
+    if not timing.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        calib_file = out.with_name(out.name + "-calib.safetensors")
+        save_file({"input_ids": calib.to(torch.int64).contiguous()}, str(calib_file))
+        cmd = [python, str(Path(__file__).with_name("autoround_run.py")), "--model", str(model_path),
+               "--bits", str(scheme.bits), "--group-size", str(scheme.group_size),
+               "--sym" if scheme.symmetric else "--asym", "--calib", str(calib_file), "--out", str(out)]
+        cmd += ["--own-defaults"] if iters is None else ["--iters", str(iters)]
+        try:
+            subprocess.run(cmd, check=True)
+        except (subprocess.CalledProcessError, FileNotFoundError) as e:
+            raise SystemExit(f"AutoRound failed ({e}); is auto-round installed for {python}? "
+                             "Run scripts/install_autoround.sh, or pass --autoround-python.") from e
+        calib_file.unlink(missing_ok=True)
+    run = json.loads(timing.read_text())
+    model, _ = load_model(out)
+    return model, {"method_seconds": run["seconds"], "autoround": {k: run.get(k) for k in (
+        "auto_round_version", "torch_version", "threads", "settings", "calib")}, "autoround_dir": str(out)}
 
 
 @torch.no_grad()
@@ -155,19 +206,24 @@ def run_block_ap_e2e(model_path: Path, scheme: QuantScheme, calib: torch.Tensor,
 
 
 def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib: torch.Tensor,
-               config: BlockAPConfig, workdir: Path) -> tuple[torch.nn.Module, dict]:
+               config: BlockAPConfig, workdir: Path, autoround_python: str | None = None,
+               autoround_iters: int = AUTOROUND_DEFAULTS["iters"]) -> tuple[torch.nn.Module, dict]:
     if method == "block-ap":
         return run_block_ap(model_path, scheme, calib, config, workdir)
     if method == "block-ap+e2e":
         return run_block_ap_e2e(model_path, scheme, calib, config, workdir)
     if method == "gptq":
         return run_gptq(model_path, scheme, calib, workdir)
+    if method in ("autoround", "autoround-defaults"):
+        return run_autoround(model_path, scheme, calib, workdir, autoround_python or default_autoround_python(),
+                             autoround_iters if method == "autoround" else None, config.seed)
     model, _ = load_model(model_path)
     t = time.perf_counter()
     if method == "rtn":
         quantize_rtn(model, scheme)
     elif method != "fp":
-        raise SystemExit(f"unknown method {method}; choose from fp, rtn, gptq, block-ap, block-ap+e2e")
+        raise SystemExit(f"unknown method {method}; choose from fp, rtn, gptq, autoround, autoround-defaults, block-ap, "
+                         "block-ap+e2e")
     return model, {"method_seconds": time.perf_counter() - t}
 
 
@@ -191,12 +247,25 @@ def merge_row(path: Path, settings: dict, row: dict) -> dict:
 def markdown(name: str, results: dict) -> str:
     s = results["settings"]
     fp = next((r["ppl"] for r in results["rows"] if r["method"] == "fp"), None)
+    ar_rows = [r for r in results["rows"] if "autoround" in r]
+    calibrated = "gptq, autoround and block-ap" if ar_rows else "gptq and block-ap"
     md = [f"# Quality: {Path(s['model']).name}, WikiText-2 test, first {s['max_windows']} windows x {s['seqlen']} tokens",
-          "", f"Calibration for gptq and block-ap: {s['calib']['data']}, {s['calib']['nsamples']} x "
+          "", f"Calibration for {calibrated}: {s['calib']['data']}, {s['calib']['nsamples']} x "
           f"{s['calib']['seqlen']} tokens, seed {s['calib']['seed']}.", "",
           "| method | scheme | perplexity | gap to fp | method time (s) |", "|---|---|---|---|---|"]
-    order = {"fp": 0, "rtn": 1, "gptq": 2, "block-ap": 3, "block-ap+e2e": 4, "block-ap[relative]": 5}
-    for r in sorted(results["rows"], key=lambda r: (r["scheme"], order.get(r["method"], 9))):
+    order = {"fp": 0, "rtn": 1, "gptq": 2, "autoround": 2.3, "autoround-defaults": 2.6, "block-ap": 3,
+             "block-ap+e2e": 4, "block-ap[relative]": 5}
+    rank = lambda m: order.get(m, order["autoround"] if m.startswith("autoround[") else 9)  # noqa: E731
+    if ar_rows:
+        notes = sorted({f"{r['method']}: auto-round {r['autoround']['auto_round_version']}, "
+                        f"{r['autoround']['settings']['nsamples']} x {r['autoround']['settings']['seqlen']} tokens, "
+                        f"{r['autoround']['settings']['iters']} iters, batch {r['autoround']['settings']['batch_size']}"
+                        for r in ar_rows})
+        hub = (" autoround-defaults calibrates on windows of the same data and seed (its own nsamples x seqlen), "
+               "as AutoRound's default data set (NeelNanda/pile-10k) needs the Hub."
+               if any(r["method"] == "autoround-defaults" for r in ar_rows) else "")
+        md[4:4] = ["AutoRound (asymmetric, float32 weights dequantized by AutoRound): " + "; ".join(notes) + "." + hub, ""]
+    for r in sorted(results["rows"], key=lambda r: (r["scheme"], rank(r["method"]))):
         gap = "-" if fp is None or r["method"] == "fp" else f"{r['ppl'] - fp:.2f}"
         md.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.1f} |")
     e2e_rows = [r for r in results["rows"] if "e2e_qp" in r]
@@ -231,6 +300,11 @@ def main() -> None:
     ap.add_argument("--name", default="quality", help="results file stem")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "eqat" / "bench",
                     help="keeps Block-AP runs (resumable, reused by later rows)")
+    ap.add_argument("--autoround-iters", type=int, default=AUTOROUND_DEFAULTS["iters"],
+                    help="AutoRound tuning steps per block for the autoround rows (AutoRound's default 200)")
+    ap.add_argument("--autoround-python", default=None,
+                    help=f"Python with auto-round (scripts/install_autoround.sh); default {AUTOROUND_VENV}/bin/python "
+                         "when it exists, else this Python")
     args = ap.parse_args()
 
     model_path = resolve_model(args.model)
@@ -245,10 +319,16 @@ def main() -> None:
     path = RESULTS / f"{args.name}.json"
     for method in args.methods.split(","):
         label = method if not method.startswith("block-ap") or args.loss == BlockAPConfig.loss else f"{method}[{args.loss}]"
+        if method == "autoround" and args.autoround_iters != AUTOROUND_DEFAULTS["iters"]:
+            label = f"autoround[{args.autoround_iters} iters]"
         for scheme_name in ([None] if method == "fp" else args.schemes.split(",")):
             scheme = QuantScheme.parse(scheme_name) if scheme_name else None
             calib = calib_all if method.startswith("block-ap") else calib_all[: args.nsamples]
-            model, info = run_method(method, model_path, scheme, calib, config, args.work_dir)
+            if method == "autoround-defaults":
+                calib = calibration_windows(tok, args.calib_data, AUTOROUND_DEFAULTS["nsamples"],
+                                            AUTOROUND_DEFAULTS["seqlen"], args.seed)
+            model, info = run_method(method, model_path, scheme, calib, config, args.work_dir,
+                                     args.autoround_python, args.autoround_iters)
             r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{label} {scheme_name or ''}")
             row = {"method": label, "scheme": scheme_name or "-", "ppl": r.ppl, **info, "eval": r.to_dict()}
             results = merge_row(path, settings, row)
