@@ -69,14 +69,22 @@ def lr_lambda(total: int, warmup: int, schedule: str):
     return f
 
 
+def logits_of(model: nn.Module, batch: E2EData, device: torch.device, autocast: bool) -> torch.Tensor:
+    """Next-token logits of the positions that predict a token: float32 [B, T-1, V]."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    return out.logits[:, :-1].float()
+
+
+def nll_sum(logits: torch.Tensor, batch: E2EData) -> torch.Tensor:
+    """Summed next-token NLL over the labelled tokens (float32 scalar); logits [B, T-1, V] from `logits_of`."""
+    labels = batch.labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
 def lm_loss_sum(model: nn.Module, batch: E2EData, device: torch.device, autocast: bool) -> torch.Tensor:
     """Summed next-token NLL over the labelled tokens of `batch` (float32 scalar)."""
-    ids = batch.input_ids.to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False).logits
-    labels = batch.labels[:, 1:].to(device)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return nll_sum(logits_of(model, batch, device, autocast), batch)
 
 
 @torch.no_grad()

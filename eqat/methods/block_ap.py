@@ -57,11 +57,12 @@ def recon_loss(out: torch.Tensor, target: torch.Tensor, kind: str, outlier_ratio
         return err.mean(-1)
     if kind == "relative":
         return err.sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
-    limit = outlier_ratio * _typical_rms(target)
+    typical = _typical_rms(target)
+    limit = outlier_ratio * typical
     if kind == "clamp":
         return (err * (limit / target.abs().clamp_min(1e-12)).pow(2).clamp(max=1.0)).mean(-1)
     rms = target.pow(2).mean(-1, keepdim=True).sqrt()
-    weight = torch.where(rms > limit, sink_weight * (limit / outlier_ratio / rms.clamp_min(1e-12)).pow(2), 1.0)
+    weight = torch.where(rms > limit, sink_weight * (typical / rms.clamp_min(1e-12)).pow(2), 1.0)
     return (err * weight).mean(-1)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eqat.data.e2e_data import IGNORE, E2EData
+from eqat.engine.end2end import logits_of, nll_sum  # noqa: F401  (nll_sum: re-exported)
 from eqat.errors import EqatInputError
 
 LOSSES = ("nll", "kd", "mix")
@@ -47,13 +48,6 @@ def load_teacher(path: str, student: nn.Module) -> nn.Module:
         raise EqatInputError(f"the teacher {path} has {n_t} output tokens but the student {n_s}: distillation needs "
                              "the same tokenizer; pass the model the checkpoint was quantized from with --e2e-teacher.")
     return teacher.eval()
-
-
-def logits_of(model: nn.Module, batch: E2EData, device: torch.device, autocast: bool) -> torch.Tensor:
-    """Next-token logits of the positions that predict a token: float32 [B, T-1, V]."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
-    return out.logits[:, :-1].float()
 
 
 @torch.no_grad()
@@ -113,9 +107,3 @@ def kd_sum(student_logits: torch.Tensor, batch: E2EData, temperature: float,
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl[mask].sum() * temperature**2
 
-
-def nll_sum(student_logits: torch.Tensor, batch: E2EData) -> torch.Tensor:
-    """Summed next-token NLL over the labelled tokens (float32 scalar); student_logits [B, T-1, V]."""
-    labels = batch.labels[:, 1:].to(student_logits.device)
-    return F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")

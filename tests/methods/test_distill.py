@@ -156,3 +156,17 @@ def test_cli_refuses_a_missing_teacher_before_any_work(tmp_path, tiny_model_dir,
                        "rtn+e2e-qp", "--e2e-loss", "kd", "--e2e-teacher", str(tmp_path / "nowhere"), "--no-eval")
     assert code == 2 and "--e2e-teacher" in err and "not found" in err
     assert not out.exists()
+
+
+def test_train_e2e_without_a_base_model_asks_for_a_teacher(tmp_path, tiny_model_dir, cli):
+    from eqat.io.checkpoint import save_quantized
+    from eqat.methods.rtn import quantize_rtn
+    from eqat.models.loading import load_model
+
+    model, tok = load_model(tiny_model_dir())
+    quantize_rtn(model, SCHEME)
+    ckpt = save_quantized(model, tok, tmp_path / "ckpt", provenance={"method": "rtn"})  # no base_model
+    out = tmp_path / "out"
+    code, _, err = cli("train-e2e", str(ckpt), "--out", str(out), "--e2e-loss", "kd", "--no-eval")
+    assert code == 2 and "--e2e-teacher" in err and "base model" in err
+    assert not out.exists()
