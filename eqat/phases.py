@@ -12,14 +12,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eqat.core.layer_schemes import SchemeLike
 from eqat.core.scheme import QuantScheme
 from eqat.io.checkpoint import quantized_modules
-from eqat.io.report import plot_block_losses, plot_e2e_losses, plot_layer_errors
+from eqat.io.report import plot_block_losses, plot_e2e_losses, plot_layer_errors, plot_sensitivity
 from eqat.methods.base import BLOCKWISE, END_TO_END, Method, report_key
 from eqat.models.arch import quantizable_linears
 
 
-def run_data_free(model: nn.Module, method: Method, cfg: Any, scheme: QuantScheme, storage: torch.dtype,
+def run_data_free(model: nn.Module, method: Method, cfg: Any, scheme: SchemeLike, storage: torch.dtype,
                   progress: bool) -> dict[str, float]:
     """A data-free method over every block Linear; relative weight error per layer."""
     n = len(quantizable_linears(model))
@@ -29,7 +30,7 @@ def run_data_free(model: nn.Module, method: Method, cfg: Any, scheme: QuantSchem
     return errors
 
 
-def run_blockwise(model: nn.Module, method: Method, cfg: Any, scheme: QuantScheme, state_dir: Path, device: str,
+def run_blockwise(model: nn.Module, method: Method, cfg: Any, scheme: SchemeLike, state_dir: Path, device: str,
                   fingerprint: dict[str, Any], calib: torch.Tensor, report: dict[str, Any],
                   progress: bool) -> dict[str, float]:
     """A block-wise method through the block-wise engine; fills report["blocks"] and the method's section."""
@@ -76,6 +77,10 @@ def plot_outputs(report: dict[str, Any], plan: list[Method], folder: Path, title
     if report.get("layer_relative_error"):
         plot_layer_errors(report["layer_relative_error"], folder / "layer_error.png",
                           title.format("+".join(m.name for m in plan) + ": weight error per layer"))
+    mixed = report.get("mixed_precision") or {}
+    if mixed.get("per_layer"):
+        default = QuantScheme.from_dict(report["options"]["scheme"]).name
+        plot_sensitivity(mixed, default, folder / "sensitivity.png", title.format(f"layer sensitivity, {mixed['avg_bits_target']:g} bits"))
     for m in plan:
         if m.phase == BLOCKWISE and report.get("blocks"):
             plot_block_losses(report["blocks"], folder / "block_loss.png", title.format(m.label))

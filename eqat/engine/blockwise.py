@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from eqat.core.dtypes import parse_dtype
 from eqat.core.qlinear import QuantLinear
-from eqat.core.scheme import QuantScheme
+from eqat.core.layer_schemes import LayerSchemes, SchemeLike, as_layer_schemes
 from eqat.engine.config import BlockwiseConfig
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
 from eqat.engine.health import nonfinite_tensors, scales_at_limits
@@ -135,7 +135,7 @@ class BlockwiseEngine:
         model: nn.Module,
         method: "BlockwiseMethod",
         config: BlockwiseConfig,
-        scheme: QuantScheme,
+        scheme: SchemeLike,
         state_dir: str | Path,
         device: str | torch.device = "cpu",
         fingerprint: dict[str, Any] | None = None,
@@ -143,11 +143,14 @@ class BlockwiseEngine:
         on_block: Callable[[BlockRecord], None] | None = None,
     ) -> None:
         config.check()
-        check_scheme(model, scheme)
+        self.schemes = as_layer_schemes(scheme)
+        check_scheme(model, self.schemes)
         types = set(getattr(model.config, "layer_types", None) or [])
         if len(types) > 1:
             raise EqatInputError(f"{method.label} does not support models mixing attention types yet ({sorted(types)}).")
-        self.model, self.method, self.scheme, self.config = model, method, scheme, config
+        self.model, self.method, self.config = model, method, config
+        self.scheme = self.schemes.default
+        self.blocks_prefix = arch_for(model).blocks
         self.state_dir = Path(state_dir)
         self.device = torch.device(device)
         self.fingerprint = fingerprint or {}
@@ -249,8 +252,9 @@ class BlockwiseEngine:
 
     def _load_block(self, i: int) -> None:
         block = self.blocks[i]
+        schemes = self._block_schemes(i)
         for name, lin in block_linears(block).items():
-            q = QuantLinear(lin.in_features, lin.out_features, self.scheme, bias=lin.bias is not None,
+            q = QuantLinear(lin.in_features, lin.out_features, schemes(name), bias=lin.bias is not None,
                             dtype=self.storage_dtype)
             replace_module(block, name, q)
         path = self.state_dir / f"block_{i:03d}.safetensors"
@@ -260,6 +264,10 @@ class BlockwiseEngine:
             raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
 
     # ---- one block ----------------------------------------------------------------------
+    def _block_schemes(self, i: int) -> LayerSchemes:
+        """The schemes of block `i`'s Linears, by their names inside the block."""
+        return self.schemes.within(f"{self.blocks_prefix}.{i}")
+
     def _loss(self, block: nn.Module, xs: ActivationStream, ys: ActivationStream, idx: range, kw) -> float:
         total, count = 0.0, 0
         with torch.no_grad():
@@ -340,7 +348,7 @@ class BlockwiseEngine:
         guard = NonFiniteGuard(f"{self.method.label} block {i}")
         restarts, lr_scale = 0, 1.0
         while True:
-            groups = self.method.prepare_block(block, self.scheme, cfg)
+            groups = self.method.prepare_block(block, self._block_schemes(i), cfg)
             init_loss = self._loss(block, xq, yfp, val, kw)
             best = _Best(lambda b: self._loss(b, xq, yfp, val, kw))
             if cfg.keep_best:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from eqat.core.layer_schemes import dominant
 from eqat.data.e2e_data import IGNORE, E2EData
 from eqat.engine.config import EndToEndConfig
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
@@ -123,7 +124,8 @@ class EndToEndEngine:
             raise EqatInputError(f"the model has no quantized linears; {method.name} trains an eqat checkpoint "
                                  "(run `eqat quantize` first).")
         self.model, self.method, self.config, self.state_dir = model, method, config, Path(state_dir)
-        self.bits = next(iter(quantized_modules(model).values())).scheme.bits
+        qmods = quantized_modules(model).values()
+        self.scheme_name = dominant([m.scheme for m in qmods], [m.in_features * m.out_features for m in qmods]).name
         self.device, self.progress = torch.device(device), progress
         self.fingerprint = fingerprint if fingerprint is not None else fingerprint_of(config)
         self.autocast = self.device.type == "cuda"
@@ -209,7 +211,7 @@ class EndToEndEngine:
         if cfg.grad_checkpointing:
             _checkpointing(model, True)
             model.train()  # transformers checkpoints only in training mode; Llama-family has no dropout
-        bar = tqdm(total=total, initial=start, desc=f"{self.method.label} w{self.bits}", unit="step",
+        bar = tqdm(total=total, initial=start, desc=f"{self.method.label} {self.scheme_name}", unit="step",
                    disable=not self.progress)
         guard, halvings = NonFiniteGuard(self.method.label), 0
         with PeakMemory(self.device) as pm:

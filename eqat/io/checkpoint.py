@@ -7,7 +7,8 @@ A checkpoint folder holds:
                                           <name>.qweight (int32), <name>.scales, <name>.zeros
                                           (fp16/bf16) and <name>.bias; tied tensors saved once
     eqat_config.json                      format name and version, the QuantScheme, the storage
-                                          dtype, the list of quantized modules, provenance
+                                          dtype, the list of quantized modules (each with its own
+                                          scheme when it differs: mixed precision), provenance
 Folders are written to a temporary sibling and renamed into place when complete.
 The full specification is docs/checkpoint-format.md.
 """
@@ -30,10 +31,11 @@ from torch import nn
 from eqat import __version__
 from eqat.errors import EqatInputError
 from eqat.core.qlinear import QuantLinear
+from eqat.core.layer_schemes import bits_summary, dominant
 from eqat.core.scheme import QuantScheme
 
 FORMAT_NAME = "eqat"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-module "scheme" entries (mixed precision); uniform checkpoints are still written as 1
 EQAT_CONFIG = "eqat_config.json"
 WEIGHTS = "model.safetensors"
 
@@ -92,6 +94,18 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def modules_of_model(qmods: dict[str, QuantLinear]) -> dict[str, tuple[QuantScheme, int, int]]:
+    """name -> (scheme, N, K) of QuantLinears, what bits_summary and the exporters' checks take."""
+    return {name: (m.scheme, m.out_features, m.in_features) for name, m in qmods.items()}
+
+
+def module_schemes(meta: dict[str, Any]) -> dict[str, QuantScheme]:
+    """Each quantized module's scheme, from a checked eqat_config.json (its own entry, else the default)."""
+    default = QuantScheme.from_dict(meta["scheme"])
+    return {name: QuantScheme.from_dict(info["scheme"]) if "scheme" in info else default
+            for name, info in meta["quantized_modules"].items()}
+
+
 REPORT_BYTES = 4 << 20  # reports, plots, configs and the model card beside the weights (a few 100 KB measured)
 
 
@@ -139,17 +153,19 @@ def save_quantized(
     qmods = quantized_modules(model)
     if not qmods:
         raise ValueError("the model has no QuantLinear modules; quantize it before saving an eqat checkpoint")
-    schemes = {m.scheme for m in qmods.values()}
-    if len(schemes) != 1:
-        raise ValueError(f"one scheme per checkpoint is supported, found {sorted(s.name for s in schemes)}")
+    default = dominant([m.scheme for m in qmods.values()], [m.in_features * m.out_features for m in qmods.values()])
+    modules = {name: {"bias": m.bias is not None, **({} if m.scheme == default else {"scheme": m.scheme.to_dict()})}
+               for name, m in qmods.items()}
+    mixed = any("scheme" in v for v in modules.values())
     first = next(iter(qmods.values()))
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if mixed else 1,  # eqat before mixed precision reads uniform ones
         "eqat_version": __version__,
-        "scheme": first.scheme.to_dict(),
+        "scheme": default.to_dict(),
         "storage_dtype": str(first.scales.dtype).removeprefix("torch."),
-        "quantized_modules": {name: {"bias": m.bias is not None} for name, m in qmods.items()},
+        "quantized_modules": modules,
+        "bits": bits_summary(modules_of_model(qmods)),
         "provenance": provenance or {},
     }
     state = _unique_state_dict(model)
@@ -211,7 +227,18 @@ def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
     mods = meta.get("quantized_modules")
     if not isinstance(mods, dict) or not mods or not all(
             isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("bias"), bool) for k, v in mods.items()):
-        raise bad("quantized_modules", "a non-empty mapping of module name to {bias: true|false}")
+        raise bad("quantized_modules", "a non-empty mapping of module name to {bias: true|false[, scheme: {...}]}")
+    for name, info in mods.items():
+        if "scheme" not in info:
+            continue
+        try:
+            if not isinstance(info["scheme"], dict):
+                raise TypeError("not a mapping")
+            QuantScheme.from_dict(info["scheme"])
+        except EqatInputError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise EqatInputError(f"{cfg_path}: the scheme of module '{name}' is invalid ({e!r}); the file is damaged.") from e
     if not isinstance(meta.get("provenance", {}), dict):
         raise bad("provenance", "a mapping")
 
@@ -226,7 +253,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
 
     p = check_model_dir(path)
     meta = read_eqat_config(p)
-    scheme = QuantScheme.from_dict(meta["scheme"])
+    schemes = module_schemes(meta)
     dtype = parse_dtype(meta["storage_dtype"])
     try:
         config = AutoConfig.from_pretrained(p)
@@ -243,9 +270,10 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         if not isinstance(old, nn.Linear):
             raise EqatInputError(f"{p / EQAT_CONFIG} names module '{name}', which is a {type(old).__name__}, not a Linear.")
         try:
-            new = QuantLinear(old.in_features, old.out_features, scheme, bias=info["bias"], dtype=dtype, device="meta")
+            new = QuantLinear(old.in_features, old.out_features, schemes[name], bias=info["bias"], dtype=dtype,
+                              device="meta")
         except ValueError as e:
-            raise EqatInputError(f"{p / EQAT_CONFIG}: scheme {scheme.name} does not fit module '{name}' ({e}).") from e
+            raise EqatInputError(f"{p / EQAT_CONFIG}: scheme {schemes[name].name} does not fit module '{name}' ({e}).") from e
         setattr(model.get_submodule(parent), child, new)
     try:
         state = load_file(str(p / WEIGHTS))

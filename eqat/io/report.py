@@ -117,3 +117,32 @@ def plot_e2e_losses(log: list[dict[str, Any]], path: str | Path, title: str,
     ax.grid(True, alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
+
+
+def plot_sensitivity(section: dict[str, Any], default: str, path: str | Path, title: str) -> None:
+    """--avg-bits: each layer's measured sensitivity at the default scheme, one line per Linear kind,
+    the layers the allocator promoted ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
+    for name, by_scheme in section["per_layer"].items():
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        if m and default in by_scheme:
+            series[m.group(2).rsplit(".", 1)[-1]].append((int(m.group(1)), by_scheme[default], name in section["promoted"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for kind, pts in sorted(series.items()):
+        pts.sort()
+        line, = ax.plot([p[0] for p in pts], [max(p[1], 1e-12) for p in pts], marker="o", markersize=3, label=kind)
+        up = [p for p in pts if p[2]]
+        ax.scatter([p[0] for p in up], [max(p[1], 1e-12) for p in up], s=80, facecolors="none",
+                   edgecolors=line.get_color(), linewidths=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel(f"sensitivity at {default} ({section['sensitivity']})")
+    ax.set_title(title + f"; ringed: promoted ({len(section['promoted'])})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save_figure(fig, path)

@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from eqat.core.scheme import QuantScheme
+from eqat.core.layer_schemes import SchemeLike
 from eqat.engine.config import BlockwiseConfig, EndToEndConfig
 from eqat.errors import EqatInputError
 
@@ -56,7 +56,7 @@ class Method:
     label: ClassVar[str] = ""  # how messages and progress bars name it ("Block-AP"); default: name
     cli_prefix: ClassVar[str] = ""  # of the flags of the config's own fields (those beyond the engine's)
 
-    def describe(self, cfg: Any, scheme: QuantScheme) -> dict[str, Any]:
+    def describe(self, cfg: Any, scheme: SchemeLike) -> dict[str, Any]:
         """Extra facts for the method's report section (e.g. the learning rates it chose)."""
         return {}
 
@@ -64,7 +64,7 @@ class Method:
 class DataFreeMethod(Method):
     phase = DATA_FREE
 
-    def quantize(self, model: nn.Module, scheme: QuantScheme, cfg: Any, dtype: torch.dtype,
+    def quantize(self, model: nn.Module, scheme: SchemeLike, cfg: Any, dtype: torch.dtype,
                  on_layer: Callable[[str, float], None] | None = None) -> dict[str, float]:
         """Replace every block Linear by a packed QuantLinear, in place; relative error per layer."""
         raise NotImplementedError
@@ -73,7 +73,7 @@ class DataFreeMethod(Method):
 class BlockwiseMethod(Method):
     phase = BLOCKWISE
 
-    def prepare_block(self, block: nn.Module, scheme: QuantScheme, cfg: Any) -> list[ParamGroup]:
+    def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: Any) -> list[ParamGroup]:
         """Wrap `block`'s Linears for training (in place, on the block's device); the groups to train."""
         raise NotImplementedError
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from eqat.core.dtypes import parse_dtype
 from eqat.core.options import option
+from eqat.core.layer_schemes import SchemeLike, as_layer_schemes
 from eqat.core.scheme import QuantScheme
 from eqat.engine.blockwise import BlockRecord, BlockwiseEngine
 from eqat.engine.config import BlockwiseConfig, check_lr
@@ -104,10 +105,16 @@ class BlockAP(BlockwiseMethod):
     config = BlockAPConfig
     summary = "EfficientQAT phase 1: weights, scales and zero-points of each block trained by reconstruction"
 
-    def prepare_block(self, block: nn.Module, scheme: QuantScheme, cfg: BlockAPConfig) -> list[ParamGroup]:
-        wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))
-        weights, qparams = trainable_groups(block)
-        return [ParamGroup("weights", weights, cfg.weight_lr(scheme.bits)), ParamGroup("quant", qparams, cfg.lr_quant)]
+    def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: BlockAPConfig) -> list[ParamGroup]:
+        """Weights train at the learning rate of their own bit width (mixed precision: one group per width)."""
+        wrapped = wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))
+        _, qparams = trainable_groups(block)
+        by_bits: dict[int, list[nn.Parameter]] = {}
+        for m in wrapped.values():
+            by_bits.setdefault(m.scheme.bits, []).append(m.weight)
+        weights = [ParamGroup("weights" if len(by_bits) == 1 else f"weights_w{b}", ps, cfg.weight_lr(b))
+                   for b, ps in sorted(by_bits.items())]
+        return weights + [ParamGroup("quant", qparams, cfg.lr_quant)]
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: BlockAPConfig) -> torch.Tensor:
         return recon_loss(out, target, cfg.loss, cfg.outlier_ratio, cfg.sink_weight)
@@ -115,8 +122,11 @@ class BlockAP(BlockwiseMethod):
     def freeze_block(self, block: nn.Module, cfg: BlockAPConfig, dtype: torch.dtype) -> None:
         freeze_block(block, dtype)
 
-    def describe(self, cfg: BlockAPConfig, scheme: QuantScheme) -> dict[str, Any]:
-        return {"weight_lr": cfg.weight_lr(scheme.bits)}
+    def describe(self, cfg: BlockAPConfig, scheme: SchemeLike) -> dict[str, Any]:
+        schemes = as_layer_schemes(scheme)
+        bits = sorted({schemes.default.bits, *(s.bits for s in schemes.layers.values())})
+        lrs = {f"w{b}": cfg.weight_lr(b) for b in bits}
+        return {"weight_lr": cfg.weight_lr(schemes.default.bits), **({"weight_lr_by_bits": lrs} if len(bits) > 1 else {})}
 
 
 class BlockAPTrainer(BlockwiseEngine):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eqat.core.layer_schemes import dominant
 from eqat.core.options import option
 from eqat.core.quantizer import SCALE_MAX, SCALE_MIN, valid_zero
 from eqat.engine.config import EndToEndConfig, check_lr
@@ -86,14 +87,17 @@ class E2EQP(EndToEndMethod):
         self.storage = next(iter(qmods.values())).scales.dtype
         for p in model.parameters():
             p.requires_grad_(False)
-        params = []
+        by_bits: dict[int, list[nn.Parameter]] = {}  # mixed precision: each bit width at its own learning rate
         for m in qmods.values():
+            params = by_bits.setdefault(m.scheme.bits, [])
             m.scales = nn.Parameter(m.scales.detach().float(), requires_grad=True)
             params.append(m.scales)
             if cfg.train_zeros and not m.scheme.symmetric:
                 m.zeros = nn.Parameter(m.zeros.detach().float(), requires_grad=True)
                 params.append(m.zeros)
-        return [ParamGroup("quant", params, cfg.lr_for(next(iter(qmods.values())).scheme.bits))]
+        main = dominant([m.scheme for m in qmods.values()], [m.in_features * m.out_features for m in qmods.values()])
+        order = sorted(by_bits, key=lambda b: b != main.bits)  # the dominant width first: its lr is the one reported
+        return [ParamGroup("quant" if len(by_bits) == 1 else f"quant_w{b}", by_bits[b], cfg.lr_for(b)) for b in order]
 
     def prepare_data(self, model: nn.Module, train: E2EData, cfg: E2EQPConfig, state_dir: Path,
                      device: torch.device) -> E2EData:

@@ -15,6 +15,7 @@ from torch import nn
 from eqat.models.arch import block_linears
 from eqat.core.qlinear import QuantLinear
 from eqat.core.quantizer import FakeQuantizer
+from eqat.core.layer_schemes import SchemeLike, as_layer_schemes
 from eqat.core.scheme import QuantScheme
 from eqat.models.arch import replace_module
 
@@ -42,13 +43,14 @@ class FakeQuantLinear(nn.Module):
         )
 
 
-def wrap_block(block: nn.Module, scheme: QuantScheme, storage: torch.dtype | None = None) -> dict[str, FakeQuantLinear]:
-    """Replace every nn.Linear of `block` by a FakeQuantLinear (RTN-initialised), in place; `storage`:
-    the dtype the scales will be packed in (training then sees the stored scales, eqat.core.quantizer)."""
-    wrapped = {}
+def wrap_block(block: nn.Module, scheme: SchemeLike, storage: torch.dtype | None = None) -> dict[str, FakeQuantLinear]:
+    """Replace every nn.Linear of `block` by a FakeQuantLinear (RTN-initialised), in place. `scheme`:
+    one QuantScheme, or a LayerSchemes with names inside the block; `storage`: the dtype the scales
+    will be packed in (training then sees the stored scales, eqat.core.quantizer)."""
+    wrapped, schemes = {}, as_layer_schemes(scheme)
     for name, lin in block_linears(block).items():
-        scheme.check_layer(name, lin.in_features)
-        wrapped[name] = FakeQuantLinear(lin, scheme, storage).to(lin.weight.device)
+        schemes(name).check_layer(name, lin.in_features)
+        wrapped[name] = FakeQuantLinear(lin, schemes(name), storage).to(lin.weight.device)
         replace_module(block, name, wrapped[name])
     return wrapped
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from eqat.core.qlinear import QuantLinear
 from eqat.core.quantizer import dequantize_codes
+from eqat.core.layer_schemes import SchemeLike, as_layer_schemes
 from eqat.core.scheme import QuantScheme
 from eqat.methods.base import DataFreeMethod, register_method
 from eqat.models.arch import check_scheme, replace_module
@@ -26,18 +27,19 @@ def relative_error(weight: torch.Tensor, layer: QuantLinear) -> float:
 @torch.no_grad()
 def quantize_rtn(
     model: nn.Module,
-    scheme: QuantScheme,
+    scheme: SchemeLike,
     dtype: torch.dtype = torch.float16,
     on_layer: Callable[[str, float], None] | None = None,
 ) -> dict[str, float]:
     """Replace every block Linear of `model` by a round-to-nearest QuantLinear, in place.
 
+    `scheme`: one QuantScheme, or a LayerSchemes giving some modules their own.
     Returns the relative weight error of each layer by name; `on_layer(name, error)` is called
     after each layer (progress reporting belongs to the caller).
     """
-    errors = {}
-    for name, lin in check_scheme(model, scheme).items():
-        q = QuantLinear.from_linear(lin, scheme, dtype=dtype)
+    errors, schemes = {}, as_layer_schemes(scheme)
+    for name, lin in check_scheme(model, schemes).items():
+        q = QuantLinear.from_linear(lin, schemes(name), dtype=dtype)
         errors[name] = relative_error(lin.weight, q)
         replace_module(model, name, q)
         if on_layer:

@@ -91,10 +91,12 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def check_scheme(model: nn.Module, scheme: Any) -> dict[str, nn.Linear]:
-    """Validate `scheme` (a QuantScheme) against every quantizable Linear before anything changes."""
+    """Validate `scheme` (a QuantScheme or LayerSchemes) against every quantizable Linear before
+    anything changes; returns those Linears by full name."""
+    from eqat.core.layer_schemes import as_layer_schemes
+
     linears = quantizable_linears(model)
-    for name, lin in linears.items():
-        scheme.check_layer(name, lin.in_features)
+    as_layer_schemes(scheme).check({name: (lin.out_features, lin.in_features) for name, lin in linears.items()})
     return linears
 
 

@@ -120,3 +120,40 @@ def test_damaged_tokenizer_named_by_load_and_export(saved, tmp_path):
     with pytest.raises(EqatInputError, match="cannot load the tokenizer"):
         export_checkpoint(saved, "gptq", tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+def test_mixed_precision_round_trip_and_uniform_stays_version_1(tmp_path, tiny_tokenizer):
+    from eqat.core.layer_schemes import LayerSchemes
+
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    quantize_rtn(model, LayerSchemes(QuantScheme(2, 32), {"model.layers.1.mlp.down_proj": QuantScheme(8, 32, True)}))
+    save_quantized(model, tiny_tokenizer, tmp_path / "mixed")
+    loaded, _, meta = load_quantized(tmp_path / "mixed")
+    assert meta["format_version"] == 2 and meta["bits"]["by_scheme"] == {
+        "w2g32": {"layers": 13, "weights": 2 * 36864 - 8192}, "w8g32sym": {"layers": 1, "weights": 8192}}
+    assert loaded.get_submodule("model.layers.1.mlp.down_proj").scheme == QuantScheme(8, 32, True)
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    uniform = tiny_model(vocab=len(tiny_tokenizer))
+    quantize_rtn(uniform, QuantScheme(4, 32))
+    save_quantized(uniform, tiny_tokenizer, tmp_path / "uniform")
+    meta = json.loads((tmp_path / "uniform" / EQAT_CONFIG).read_text())
+    assert meta["format_version"] == 1 and not any("scheme" in v for v in meta["quantized_modules"].values())
+
+
+def test_a_checkpoint_from_before_mixed_precision_loads(saved):
+    meta = json.loads((saved / EQAT_CONFIG).read_text())
+    del meta["bits"]  # what eqat wrote before per-module schemes
+    (saved / EQAT_CONFIG).write_text(json.dumps(meta))
+    model, _, got = load_quantized(saved)
+    assert got["format_version"] == 1 and model.get_submodule("model.layers.0.mlp.up_proj").scheme == QuantScheme(2, 32)
+
+
+@pytest.mark.parametrize("bad", [{"bits": 5, "group_size": 32}, "w8g32", {"group_size": 32}])
+def test_damaged_module_scheme_named(saved, bad):
+    meta = json.loads((saved / EQAT_CONFIG).read_text())
+    meta["format_version"] = 2
+    meta["quantized_modules"]["model.layers.0.mlp.up_proj"]["scheme"] = bad
+    (saved / EQAT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(EqatInputError, match="up_proj|bits=5"):
+        load_quantized(saved)
