@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eqat.core.layer_schemes import OVERRIDE_HELP, Override
 from eqat.core.options import option
 from eqat.core.scheme import QuantScheme
 from eqat.engine.state import fingerprint_of
@@ -54,6 +55,18 @@ class QuantizeOptions:
     method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method, then any "
                                        "end-to-end ones (block-ap+e2e-qp, block-ap, rtn, rtn+e2e-qp).", result=False)
     scheme: QuantScheme = option(factory=QuantScheme, cli=False)
+    override: list[str] = option(factory=list, help=f"Give matching modules their own scheme: {OVERRIDE_HELP}. Repeat "
+                                 "the flag for more; the last match wins (docs/mixed-precision.md).")
+    avg_bits: float | None = option(None, "Mixed precision: promote the layers whose quantization costs the most "
+                                          "(measured, --sensitivity) to a --promote scheme until the average code bits "
+                                          "per quantized weight reach this budget (2-8), e.g. 2.25 with --scheme w2g64.")
+    promote: str = option("", "Schemes --avg-bits may promote layers to, comma-separated (default: 8 bits at --scheme's "
+                              "group size and symmetry).")
+    sensitivity: str = option("fisher", "How --avg-bits measures each layer's sensitivity: fisher (one backward pass "
+                                        "per window, seconds) or kl (one forward per layer and scheme, minutes).")
+    sensitivity_windows: int = option(16, "Calibration windows (--calib-data, --calib-seqlen) --avg-bits measures on.")
+    tie_fused: bool = option(True, "--avg-bits gives q/k/v and gate/up of a block one scheme (vLLM fuses them).",
+                             flags=("--tie-fused/--no-tie-fused",))
     out: str | None = option(None, "Output folder; default eqat-out/<model>-<scheme>-<method>.", param="out_dir",
                              flags=("--out", "-o"), result=False)
     dtype: str = option("float16", "Storage dtype of scales and zero-points: float16 or bfloat16.")
@@ -76,6 +89,37 @@ class QuantizeOptions:
 
     def config_for(self, method: Method) -> Any:
         return self.configs.setdefault(method.name, method.config())
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.override) or self.avg_bits is not None
+
+    def overrides(self) -> list[Override]:
+        return [Override.parse(o) for o in self.override]
+
+    def promote_levels(self) -> list[QuantScheme]:
+        """The schemes --avg-bits may promote to (EqatInputError for a bad name)."""
+        if not self.promote.strip():
+            s = self.scheme
+            return [QuantScheme(8, s.group_size, s.symmetric)]
+        return [QuantScheme.parse(t) for t in self.promote.split(",") if t.strip()]
+
+    def check_mixed(self) -> None:
+        """The mixed-precision options that need no model, before any work (EqatInputError)."""
+        from eqat.engine.allocate import SENSITIVITY, check_budget
+
+        self.overrides()
+        if self.avg_bits is None:
+            return
+        levels = self.promote_levels()
+        if not any(s.bits > self.scheme.bits for s in levels):
+            raise EqatInputError(f"--promote {self.promote or levels[0].name} has no scheme wider than --scheme "
+                                 f"{self.scheme.name}; give one with more bits, e.g. --promote w8g64.")
+        check_budget(self.avg_bits, 0.0, levels)  # the range; the start bits are checked once the model is loaded
+        if self.sensitivity not in SENSITIVITY:
+            raise EqatInputError(f"--sensitivity must be one of {', '.join(SENSITIVITY)}, got '{self.sensitivity}'.")
+        if self.sensitivity_windows < 1:
+            raise EqatInputError(f"--sensitivity-windows must be at least 1, got {self.sensitivity_windows}.")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as recorded in report.json and run_config.json (the plan's configs only)."""

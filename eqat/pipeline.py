@@ -22,11 +22,12 @@ import torch
 
 from eqat.core.dtypes import parse_dtype
 from eqat.data.evaluate import perplexity
-from eqat.data.sources import eval_token_ids
+from eqat.core.layer_schemes import LayerSchemes, bits_summary
+from eqat.data.sources import calibration_windows, eval_token_ids
 from eqat.engine.health import check_finite, check_perplexity, run_warnings
 from eqat.engine.state import fingerprint_of
 from eqat.errors import EqatInputError
-from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, save_quantized
+from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, modules_of_model, quantized_modules, save_quantized
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
 from eqat.io.report import environment, write_json
@@ -104,6 +105,7 @@ def _check_quantize(opts: QuantizeOptions, model_path: Path) -> tuple[list[Metho
     """Every option checked before any work: the plan and each of its methods' configs."""
     plan = opts.plan()
     opts.eval.check()
+    opts.check_mixed()
     storage = parse_dtype(opts.dtype)
     if storage == torch.float32:
         raise EqatInputError("scales are stored as float16 or bfloat16 (what runtimes read); use --dtype float16 or bfloat16.")
@@ -125,7 +127,8 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
     model_path = resolve_model(opts.model)
     plan, storage = _check_quantize(opts, model_path)
     name = "+".join(m.name for m in plan)
-    out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{opts.scheme.name}-{name}")
+    tag = opts.scheme.name + ("-mixed" if opts.mixed else "")
+    out = resolve_out(opts.out or Path("eqat-out") / f"{model_path.name}-{tag}-{name}")
     check_output(out, [model_path], opts.force, opts.replace_foreign)
     device = resolve_device(opts.device)
     with output_lock(out, "eqat quantize"):
@@ -134,20 +137,20 @@ def quantize_run(opts: QuantizeOptions) -> dict[str, Any]:
 
 def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, model_path: Path, out: Path,
               device: str) -> dict[str, Any]:
-    from eqat.models.arch import check_scheme
+    from eqat.mixed import run_schemes, start_schemes
+    from eqat.models.arch import quantizable_linears
     from eqat.models.coverage import check_coverage, coverage
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_path)
-    linears = check_scheme(model, opts.scheme)
+    linears = quantizable_linears(model)
+    start = start_schemes(opts, linears)  # --scheme, --override, --avg-bits checked on the real layers
     cov = coverage(model, linears)
     check_coverage(cov, opts.allow_unquantized)  # before any training or writing
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None
     first, later = plan[0], plan[1:]
     calib = None
     if first.phase == BLOCKWISE:
-        from eqat.data.sources import calibration_windows
-
         c, val = opts.calib, opts.config_for(first).val_samples
         calib = calibration_windows(tokenizer, c.data, c.nsamples + val, c.seqlen, c.seed)
     data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in later]
@@ -167,12 +170,18 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
                                                  lambda: ppl("fp"))
     if resuming:
         report["resumed"] = True
-    errors = _run_plan(opts, plan, storage, model, model_path, out, device, calib, data, report)
+    c = opts.calib
+    schemes, report["mixed_precision"] = run_schemes(
+        opts, model, linears, start, lambda n: calib[:n] if calib is not None and len(calib) >= n else
+        calibration_windows(tokenizer, c.data, n, c.seqlen, c.seed), out / RESUME, resuming)
+    report["schemes"] = schemes.to_dict()
+    errors = _run_plan(opts, plan, storage, model, model_path, out, device, calib, data, report, schemes)
     report["layer_relative_error"] = errors
     report["quantized_size_bytes"] = model_size_bytes(model)
+    report["bits"] = bits_summary(modules_of_model(quantized_modules(model)))
     check_finite(model, "eqat quantize")
     if ids is not None:
-        report["perplexity"] = ppl(opts.scheme.name)
+        report["perplexity"] = ppl(schemes.name)
         check_perplexity(report["perplexity"], "eqat quantize")
     report["warnings"] = run_warnings(model, report)
     report["total_seconds"] = time.perf_counter() - t0
@@ -180,7 +189,7 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     def extras(folder: Path) -> None:
         write_json(folder / "report.json", report)
         write_json(folder / "run_config.json", opts.to_dict())
-        plot_outputs(report, plan, folder, f"{model_path.name} {{}} {opts.scheme.name}")
+        plot_outputs(report, plan, folder, f"{model_path.name} {{}} {schemes.name}")
 
     provenance = {"method": "+".join(m.name for m in plan), "base_model": str(model_path),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -190,17 +199,18 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
 
 
 def _run_plan(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, model, model_path: Path, out: Path,
-              device: str, calib: torch.Tensor | None, data: list, report: dict[str, Any]) -> dict[str, float]:
+              device: str, calib: torch.Tensor | None, data: list, report: dict[str, Any],
+              schemes: LayerSchemes) -> dict[str, float]:
     """Every phase of `plan` on `model`, in place; the report gets each phase's section and time.
     Returns the relative weight error per layer of the first phase."""
     first, later = plan[0], plan[1:]
     t_q = time.perf_counter()
     cfg = opts.config_for(first)
     if first.phase == DATA_FREE:
-        errors = run_data_free(model, first, cfg, opts.scheme, storage, opts.progress)
+        errors = run_data_free(model, first, cfg, schemes, storage, opts.progress)
     else:
         fp = opts.fingerprint(model_path, [first])
-        errors = run_blockwise(model, first, cfg, opts.scheme, out / RESUME, device, fp, calib, report, opts.progress)
+        errors = run_blockwise(model, first, cfg, schemes, out / RESUME, device, fp, calib, report, opts.progress)
         report[report_key(first.name)]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
                                                                "tokens": int(calib.numel())}
     report["quantize_seconds"] = time.perf_counter() - t_q
@@ -264,7 +274,6 @@ def train_e2e_run(opts: TrainE2EOptions) -> dict[str, Any]:
 
 
 def _train_e2e(opts: TrainE2EOptions, plan: list[Method], src: Path, meta: dict, out: Path, device: str) -> dict[str, Any]:
-    from eqat.io.checkpoint import quantized_modules
     from eqat.models.coverage import coverage
 
     t0, ev = time.perf_counter(), opts.eval

@@ -117,6 +117,7 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
          json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout.")) -> None:
     """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, which
     export formats can hold it, and the registered quantization methods."""
+    from eqat.core.layer_schemes import bits_text
     from eqat.io.checkpoint import is_eqat_checkpoint, read_eqat_config
     from eqat.models.coverage import folder_coverage, summary
     from eqat.models.loading import check_model_dir
@@ -135,11 +136,13 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
     except (EqatInputError, ValueError, KeyError) as e:  # a config transformers cannot build: describe the rest
         desc["coverage"] = {"error": str(e)}
     if is_eqat_checkpoint(path):
-        from eqat.exporters.base import checkpoint_formats
+        from eqat.exporters.base import checkpoint_bits, checkpoint_formats, checkpoint_schemes
 
         meta = read_eqat_config(path)
         desc["eqat"] = {"format_version": meta["format_version"], "scheme": meta["scheme"], "storage_dtype": meta["storage_dtype"],
-                        "quantized_modules": len(meta["quantized_modules"]), "method": meta["provenance"].get("method")}
+                        "quantized_modules": len(meta["quantized_modules"]), "method": meta["provenance"].get("method"),
+                        "module_schemes": {n: s.name for n, s in checkpoint_schemes(meta).layers.items()},
+                        "bits": checkpoint_bits(path)}
         desc["export_formats"] = checkpoint_formats(path)
     from eqat.methods.base import registered_methods
 
@@ -156,6 +159,8 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
         e = desc["eqat"]
         out.print(f"  eqat checkpoint v{e['format_version']}: scheme {e['scheme']}, storage {e['storage_dtype']}, "
                   f"{e['quantized_modules']} quantized modules, method {e['method']}")
+        by = ", ".join(f"{k} {v['layers']} layers" for k, v in e["bits"]["by_scheme"].items())
+        out.print(f"  {bits_text(e['bits'])} ({by})", highlight=False)
         for fmt, why in desc["export_formats"].items():
             out.print(f"  export {fmt}: {'yes' if why is None else 'no, ' + why}", highlight=False)
     out.print(f"  {summary(desc['coverage'], would='eqat' not in desc)}", highlight=False)

@@ -15,6 +15,7 @@ from eqat.cli.common import (CONFIG, JSON, QUIET, _fmt_ppl, _print_e2e, _print_w
                              out)
 from eqat.cli.config import save_config
 from eqat.cli.flags import Flag, apply, command_with, flags_of, merge
+from eqat.core.layer_schemes import bits_text
 from eqat.errors import EqatError
 from eqat.methods.base import report_key
 from eqat.options import CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions
@@ -102,7 +103,8 @@ def quantize(
     ev = report.get("perplexity") or {}
     win = f"{ev.get('windows', '-')} x {ev.get('seqlen', '-')}" if ev else "-"
     t.add_row("unquantized", f"{report['fp_size_bytes'] / 1e6:.1f}", _fmt_ppl(report.get("fp_perplexity")), win)
-    t.add_row(f"{'+'.join(report['options']['plan'])} {opts.scheme.name}", f"{report['quantized_size_bytes'] / 1e6:.1f}",
+    name = opts.scheme.name + ("-mixed" if report["schemes"]["layers"] else "")
+    t.add_row(f"{'+'.join(report['options']['plan'])} {name}", f"{report['quantized_size_bytes'] / 1e6:.1f}",
               _fmt_ppl(ev or None), win)
     out.print(t)
     if report.get("blocks"):
@@ -121,6 +123,7 @@ def quantize(
         from eqat.models.coverage import summary
 
         out.print(summary(report["coverage"]), highlight=False)
+    out.print(f"{name}: {bits_text(report['bits'])}", highlight=False)
     out.print(f"quantized in {report['quantize_seconds']:.1f} s, total {report['total_seconds']:.1f} s; "
               f"report: {report['output']}/report.json")
 
