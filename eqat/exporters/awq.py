@@ -19,6 +19,7 @@ import torch
 
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import to_int32, unpack_int32
+from eqat.core.layer_schemes import LayerSchemes
 from eqat.core.scheme import QuantScheme
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -66,7 +67,8 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
     return out, {}
 
 
-def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
+def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
+    scheme = schemes.default  # one scheme per AWQ model (holds_mixed is False)
     return {"quant_method": "awq", "bits": 4, "group_size": scheme.group_size, "zero_point": True,
             "version": "gemm", "modules_to_not_convert": None}
 

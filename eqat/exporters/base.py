@@ -1,8 +1,10 @@
 """What every exporter shares: the registry, the layer view of an eqat checkpoint, and the
 writer of a complete Hugging Face folder.
 
-An exporter says which schemes it can hold (`why_not`), turns one quantized layer into its
-format's tensors (`convert_layer`), and writes its `quantization_config`. `export_checkpoint`
+An exporter says which schemes it can hold (`why_not`, asked once per distinct scheme with the
+layers that have it), turns one quantized layer into its format's tensors (`convert_layer`, with
+that layer's scheme), and writes its `quantization_config` (from the LayerSchemes: a mixed-precision
+checkpoint reaches only exporters with `holds_mixed`; the others refuse and name those that can). `export_checkpoint`
 does the rest: reads the eqat checkpoint, refuses before writing anything, converts every
 layer, and writes config, shards (with an index when large), tokenizer, generation config, a
 model card and `export_report.json` into a temporary sibling folder renamed into place.
@@ -23,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from eqat import __version__
-from eqat.io.checkpoint import WEIGHTS, atomic_dir, check_free_space, read_eqat_config, side_files_bytes
+from eqat.core.layer_schemes import LayerSchemes, SchemeLike, as_layer_schemes, bits_summary, bits_text
+from eqat.io.checkpoint import WEIGHTS, atomic_dir, check_free_space, module_schemes, read_eqat_config, side_files_bytes
 from eqat.errors import EqatInputError
 from eqat.io.lock import output_lock
 from eqat.models.loading import check_model_dir, load_tokenizer
@@ -56,11 +59,14 @@ class Exporter:
     why_not: Callable[[QuantScheme, dict[str, tuple[int, int]], dict], str | None]  # (scheme, {name: (N, K)}, options)
     # (layer, scheme, options) -> ({suffix: tensor}, {note: count}); notes are summed into the report
     convert_layer: Callable[[QuantizedLayer, QuantScheme, dict], tuple[dict[str, torch.Tensor], dict[str, int]]]
-    quantization_config: Callable[[QuantScheme, dict], dict[str, Any]]
+    quantization_config: Callable[[LayerSchemes, dict], dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)  # option -> default
     runtimes: str = ""  # which runtimes load it, for the model card and refusals
-    # (src, converted state, folder, scheme, options): writes the model files in place of safetensors shards
-    write_model: Callable[[Path, dict[str, torch.Tensor], Path, QuantScheme, dict], None] | None = None
+    # (src, converted state, folder, schemes, options): writes the model files in place of safetensors shards
+    write_model: Callable[[Path, dict[str, torch.Tensor], Path, LayerSchemes, dict], None] | None = None
+    holds_mixed: bool = False  # per-module schemes (mixed precision) in one folder
+    # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
+    resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -71,10 +77,26 @@ def register(exporter: Exporter) -> Exporter:
     return exporter
 
 
-def formats_for(scheme: QuantScheme, shapes: dict[str, tuple[int, int]]) -> dict[str, str | None]:
-    """Per format, why it cannot hold `scheme` on layers of `shapes` ({name: (N, K)}), or None when it can
-    (with each format's default options)."""
-    return {name: e.why_not(scheme, shapes, dict(e.options)) for name, e in EXPORTERS.items()}
+def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, tuple[int, int]],
+                    options: dict) -> str | None:
+    """Why `exporter` cannot hold layers `shapes` ({name: (N, K)}) at `schemes`, or None."""
+    schemes = as_layer_schemes(schemes)
+    groups = schemes.distinct(shapes)
+    if len(groups) > 1 and not exporter.holds_mixed:
+        mixed = [n for n, e in EXPORTERS.items() if e.holds_mixed]
+        return (f"{exporter.name} holds one scheme per model and this one mixes {', '.join(s.name for s in groups)}; "
+                f"formats with per-module schemes: {', '.join(mixed)}, or quantize without --override/--avg-bits")
+    for scheme, names in groups.items():
+        reason = exporter.why_not(scheme, {n: shapes[n] for n in names}, options)
+        if reason:
+            return reason if len(groups) == 1 else f"{scheme.name} layers: {reason}"
+    return None
+
+
+def formats_for(scheme: SchemeLike, shapes: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+    """Per format, why it cannot hold `scheme` (one, or per module) on layers of `shapes` ({name: (N, K)}),
+    or None when it can (with each format's default options)."""
+    return {name: why_not_schemes(e, scheme, shapes, dict(e.options)) for name, e in EXPORTERS.items()}
 
 
 def holders_text(fits: dict[str, str | None]) -> str:
@@ -89,7 +111,25 @@ def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
     src = check_model_dir(src)
     meta = read_eqat_config(src)
     shapes = _layer_shapes(AutoConfig.from_pretrained(src), list(meta["quantized_modules"]))
-    return formats_for(QuantScheme.from_dict(meta["scheme"]), shapes)
+    return formats_for(checkpoint_schemes(meta), shapes)
+
+
+def checkpoint_bits(src: str | Path) -> dict[str, Any]:
+    """bits_summary of an eqat checkpoint: recorded in its config, or (older checkpoints) computed from it."""
+    from transformers import AutoConfig
+
+    src = check_model_dir(src)
+    meta = read_eqat_config(src)
+    if isinstance(meta.get("bits"), dict):
+        return meta["bits"]
+    schemes = checkpoint_schemes(meta)
+    shapes = _layer_shapes(AutoConfig.from_pretrained(src), list(meta["quantized_modules"]))
+    return bits_summary({n: (schemes(n), *shapes[n]) for n in shapes})
+
+
+def checkpoint_schemes(meta: dict) -> LayerSchemes:
+    """The LayerSchemes of a checked eqat_config.json."""
+    return LayerSchemes(QuantScheme.from_dict(meta["scheme"]), module_schemes(meta))
 
 
 def _layer_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, int]]:
@@ -118,13 +158,16 @@ def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, Quantized
     return layers, state
 
 
-def _model_card(src: Path, exporter: Exporter, scheme: QuantScheme, meta: dict, qconfig: dict) -> str:
-    prov = meta.get("provenance", {})
+def _model_card(src: Path, exporter: Exporter, schemes: LayerSchemes, meta: dict, qconfig: dict, bits: dict) -> str:
+    prov, scheme = meta.get("provenance", {}), schemes.default
+    mixed = "" if schemes.uniform else (
+        f" Mixed precision: {len(schemes.layers)} modules have their own scheme "
+        "(" + ", ".join(f"{k}: {v['layers']} layers" for k, v in bits["by_scheme"].items()) + ").")
     return (f"---\nlibrary_name: transformers\ntags: [eqat, {exporter.name}, {scheme.bits}-bit]\n---\n\n"
             f"# {src.name} ({exporter.name})\n\n"
             f"Weight-only {scheme.bits}-bit quantization, group size {scheme.group_size}, "
             f"{'symmetric' if scheme.symmetric else 'asymmetric'}; method: {prov.get('method', 'unknown')}; "
-            f"base model: {prov.get('base_model', 'unknown')}.\n\n"
+            f"base model: {prov.get('base_model', 'unknown')}.{mixed} {bits_text(bits)}.\n\n"
             f"Exported by eqat {__version__} from an eqat checkpoint with `eqat export --format {exporter.name}`; "
             f"the integer codes, zero-points and scales are repacked losslessly (docs/formats.md).\n"
             f"Loads in: {exporter.runtimes}.\n\n"
@@ -159,7 +202,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
             raise EqatInputError(f"option {key} of format '{fmt}' takes true or false, not {opts[key]!r}.")
     src = check_model_dir(src)
     meta = read_eqat_config(src)
-    scheme = QuantScheme.from_dict(meta["scheme"])
+    schemes = checkpoint_schemes(meta)
     out = resolve_out(out)
     check_output(out, [src], force, replace_foreign)
     if out.exists() and not force:
@@ -170,19 +213,23 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     config = AutoConfig.from_pretrained(src)
     layers, rest = read_layers(src, meta, config)
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
-    reason = exporter.why_not(scheme, shapes, opts)
+    if exporter.resolve_options is not None:
+        opts = exporter.resolve_options(schemes, opts)
+    reason = why_not_schemes(exporter, schemes, shapes, opts)
     if reason:
-        raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({scheme.name}): {reason}. "
-                             f"Formats that can hold it, and who loads them: {holders_text(formats_for(scheme, shapes))}.")
+        raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({schemes.name}): {reason}. "
+                             f"Formats that can hold it, and who loads them: {holders_text(formats_for(schemes, shapes))}.")
     state: dict[str, torch.Tensor] = dict(rest)
     notes: dict[str, int] = {}
     for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer", disable=not progress):
-        tensors, layer_notes = exporter.convert_layer(layer, scheme, opts)
+        tensors, layer_notes = exporter.convert_layer(layer, schemes(name), opts)
         state.update({f"{name}.{suffix}": t.contiguous() for suffix, t in tensors.items()})
         for key, count in layer_notes.items():
             notes[key] = notes.get(key, 0) + count
-    qconfig = exporter.quantization_config(scheme, opts)
-    report = {"format": fmt, "options": opts, "scheme": scheme.to_dict(), "source": str(src),
+    qconfig = exporter.quantization_config(schemes, opts)
+    bits = bits_summary({n: (schemes(n), *shapes[n]) for n in shapes})
+    report = {"format": fmt, "options": opts, "scheme": schemes.default.to_dict(), "schemes": schemes.to_dict(),
+              "bits": bits, "source": str(src),
               "eqat_version": __version__, "quantized_layers": len(layers), "notes": notes,
               "seconds": None, "runtimes": exporter.runtimes}
     check_free_space(out.parent, sum(t.numel() * t.element_size() for t in state.values()) + side_files_bytes(src),
@@ -196,10 +243,10 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
             pass  # the source has none
         load_tokenizer(src).save_pretrained(tmp)
         if exporter.write_model is not None:
-            exporter.write_model(src, state, tmp, scheme, opts)
+            exporter.write_model(src, state, tmp, schemes, opts)
         else:
             _write_shards(state, tmp, max_shard_size)
-        (tmp / "README.md").write_text(_model_card(src, exporter, scheme, meta, qconfig))
+        (tmp / "README.md").write_text(_model_card(src, exporter, schemes, meta, qconfig, bits))
         report["seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
     return report

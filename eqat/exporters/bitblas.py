@@ -33,6 +33,7 @@ import torch
 from eqat import __version__
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import unpack_int32
+from eqat.core.layer_schemes import LayerSchemes
 from eqat.core.scheme import QuantScheme
 
 BITS = (2, 4, 8)
@@ -89,7 +90,8 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
     return out, {}
 
 
-def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
+def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
+    scheme = schemes.default  # one scheme per BitBLAS model (holds_mixed is False)
     return {"quant_method": "gptq", "checkpoint_format": "bitblas", "bits": scheme.bits,
             "group_size": scheme.group_size, "desc_act": False, "sym": scheme.symmetric, "pack_dtype": "int32",
             "lm_head": False, "meta": {"quantizer": [f"eqat:{__version__}"]}}

@@ -32,6 +32,7 @@ import torch
 from eqat.errors import EqatInputError
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import pack_int32, packed_length, unpack_int32
+from eqat.core.layer_schemes import LayerSchemes
 from eqat.core.scheme import QuantScheme
 
 FORMAT_VERSION = "0.20.0"  # the compressed-tensors version whose layout this writes
@@ -91,21 +92,32 @@ def unpack_compressed(tensors: dict[str, torch.Tensor], bits: int, symmetric: bo
     return codes, zeros, scales
 
 
-def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
-    weights = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-               "strategy": "channel" if scheme.group_size == -1 else "group",
-               "group_size": None if scheme.group_size == -1 else scheme.group_size,
-               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+def _weights(scheme: QuantScheme) -> dict[str, Any]:
+    return {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
+            "strategy": "channel" if scheme.group_size == -1 else "group",
+            "group_size": None if scheme.group_size == -1 else scheme.group_size,
+            "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+
+
+def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
+    """group_0 targets every Linear at the default scheme; each other scheme is a group targeting its
+    modules by exact name (exact names win over class targets in compressed-tensors and vLLM)."""
+    groups = {"group_0": {"targets": ["Linear"], "weights": _weights(schemes.default)}}
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, s in schemes.layers.items():
+        by_scheme.setdefault(s, []).append(name)
+    for i, (s, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: (kv[0].bits, kv[0].name)), start=1):
+        groups[f"group_{i}"] = {"targets": names, "weights": _weights(s)}
+    for g in groups.values():
+        g.update({"input_activations": None, "output_activations": None, "format": "pack-quantized"})
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ["lm_head"], "kv_cache_scheme": None, "global_compression_ratio": None,
+            "config_groups": groups, "ignore": ["lm_head"], "kv_cache_scheme": None, "global_compression_ratio": None,
             "version": FORMAT_VERSION}
 
 
 COMPRESSED_TENSORS = register(Exporter(
     name="compressed-tensors",
     summary="compressed-tensors pack-quantized checkpoint (weight_packed/weight_scale/weight_zero_point)",
-    why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
+    why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config, holds_mixed=True,
     runtimes="vLLM (WNA16: 2/3/4/8-bit on CUDA, 4-bit on CPU with AVX-512), transformers with compressed-tensors >= 0.20",
 ))

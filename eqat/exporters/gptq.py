@@ -12,7 +12,7 @@ Per linear (K inputs, N outputs, b bits, group g, G = K / g groups):
     w[n, k] = (q[k, n] - z[k // g, n]) * scales[k // g, n]
 
 checkpoint_format "gptq" (v1, what vLLM and most loaders expect) stores z - 1; "gptq_v2" stores
-z. The default, "auto", is v1 for symmetric schemes (vLLM reads only those, and only v1) and v2
+z. The default, "auto", is v1 for symmetric schemes (every module's, in a mixed-precision folder) (vLLM reads only those, and only v1) and v2
 for asymmetric ones: vLLM refuses asymmetric GPTQ whatever the version, and GPTQModel 7.6
 refuses asymmetric v1 unless its own metadata says GPTQModel >= 0.9 wrote it (older writers
 corrupted zero-points of 0), while it reads v2 as is. A zero-point of 0 has no v1 encoding. eqat keeps v1 lossless by rewriting such a group
@@ -20,10 +20,15 @@ exactly: with qmax = 2^b - 1, (q - 0) * s == ((qmax - q) - qmax) * (-s), so the 
 stored with codes qmax - q, zero-point qmax and scale -s. The weights a loader computes are
 bit-for-bit the same; the report counts the rewritten groups (`flipped_groups`); v2 stores
 every group as is. `unpack_gptq` reads a layer back (tests, validate).
+
+Mixed precision: modules with their own scheme are listed in `dynamic` (GPTQModel's per-module
+overrides, `+:^<full name>$`), which GPTQModel and vLLM read; transformers (through optimum) drops
+`dynamic`, so it cannot load such a folder.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -31,6 +36,7 @@ import torch
 from eqat import __version__
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import pack_int32, unpack_int32
+from eqat.core.layer_schemes import LayerSchemes
 from eqat.core.scheme import QuantScheme
 
 FORMATS = ("gptq", "gptq_v2")
@@ -94,10 +100,39 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, in_features: int, c
     return codes, zeros, tensors["scales"].T
 
 
-def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
+def resolve_options(schemes: LayerSchemes, options: dict) -> dict:
+    """One checkpoint_format for the whole folder: "auto" is v1 only when every module is symmetric."""
+    if options["checkpoint_format"] != "auto":
+        return options
+    every = [schemes.default, *schemes.layers.values()]
+    return {**options, "checkpoint_format": "gptq" if all(s.symmetric for s in every) else "gptq_v2"}
+
+
+def dynamic_rules(schemes: LayerSchemes) -> dict[str, dict[str, Any]]:
+    """GPTQModel's per-module overrides: `+:^<exact name>$` -> that module's fields. GPTQModel matches
+    full module names; vLLM matches its fused names (qkv_proj, gate_up_proj), so a fused group whose
+    members share a scheme gets a rule under the fused name too."""
+    from eqat.engine.allocate import FUSED
+
+    def fields(s: QuantScheme) -> dict[str, Any]:
+        return {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric, "desc_act": False}
+
+    rules = {f"+:^{re.escape(name)}$": fields(s) for name, s in schemes.layers.items()}
+    parents = {name.rpartition(".")[0] for name in schemes.layers}
+    for parent in sorted(parents):
+        for members, fused in zip(FUSED, ("qkv_proj", "gate_up_proj")):
+            got = {schemes(f"{parent}.{m}") for m in members}
+            if len(got) == 1 and f"{parent}.{members[0]}" in schemes.layers:
+                rules[f"+:^{re.escape(f'{parent}.{fused}')}$"] = fields(got.pop())
+    return rules
+
+
+def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
+    scheme = schemes.default
     return {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "desc_act": False,
             "sym": scheme.symmetric, "checkpoint_format": resolved_format(scheme, options), "pack_dtype": "int32",
             "lm_head": False, "true_sequential": True, "damp_percent": 0.01,
+            **({"dynamic": dynamic_rules(schemes)} if not schemes.uniform else {}),
             "meta": {"quantizer": [f"eqat:{__version__}"]}}
 
 
@@ -105,6 +140,6 @@ GPTQ = register(Exporter(
     name="gptq",
     summary="GPTQ v1 (or v2) checkpoint: qweight/qzeros/scales/g_idx",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
-    options={"checkpoint_format": "auto"},
+    options={"checkpoint_format": "auto"}, resolve_options=resolve_options, holds_mixed=True,
     runtimes="GPTQModel and transformers at 2/3/4/8 bits; vLLM only 4/8-bit symmetric",
 ))

@@ -37,6 +37,7 @@ from torch import nn
 
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import pack_int32, unpack_int32
+from eqat.core.layer_schemes import LayerSchemes
 from eqat.core.scheme import QuantScheme
 
 OPSET = 17
@@ -167,7 +168,7 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, scheme: QuantScheme, options: dict) -> None:
+def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, schemes: LayerSchemes, options: dict) -> None:
     """Trace the eqat model, its quantized linears swapped for `MatMulNBitsLinear`, to `out/model.onnx`."""
     import onnx
 
@@ -176,12 +177,12 @@ def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, scheme: Qu
     model, _, meta = load_quantized(src)
     model.config._attn_implementation = "eager"  # sdpa and flex do not trace to ONNX
     model.float()
-    bits = onnx_bits(scheme, options)
-    for name in meta["quantized_modules"]:
+    for name in meta["quantized_modules"]:  # each node has its own bits (mixed precision)
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
         tensors = {t: state[f"{name}.{t}"] for t in ("B", "scales", "zero_points", "bias") if f"{name}.{t}" in state}
-        setattr(model.get_submodule(parent), child, MatMulNBitsLinear(tensors, old.in_features, bits))
+        setattr(model.get_submodule(parent), child, MatMulNBitsLinear(tensors, old.in_features,
+                                                                          onnx_bits(schemes(name), options)))
     ids = torch.zeros(1, 8, dtype=torch.int64)
     path = out / "model.onnx"
     with warnings.catch_warnings():
@@ -197,16 +198,22 @@ def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, scheme: Qu
     onnx.save_model(graph, str(path), save_as_external_data=external, location="model.onnx.data")
 
 
-def quantization_config(scheme: QuantScheme, options: dict) -> dict[str, Any]:
+def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
+    """The default scheme's fields; `modules` lists the nodes with their own (each MatMulNBits node
+    carries its bits and block size, so the graph needs nothing else)."""
+    scheme = schemes.default
+    modules = {name: {"bits": onnx_bits(s, options), "source_bits": s.bits, "group_size": s.group_size,
+                      "symmetric": s.symmetric} for name, s in schemes.layers.items()}
     return {"quant_method": "onnx-matmulnbits", "bits": onnx_bits(scheme, options), "source_bits": scheme.bits,
             "group_size": scheme.group_size, "symmetric": scheme.symmetric, "opset": OPSET,
-            "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "kv_cache": False}
+            "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "kv_cache": False,
+            **({"modules": modules} if modules else {})}
 
 
 ONNX = register(Exporter(
     name="onnx",
     summary="ONNX graph with com.microsoft::MatMulNBits linears (onnxruntime, CPU)",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
-    options={"widen_3bit": True}, write_model=write_model,
+    options={"widen_3bit": True}, write_model=write_model, holds_mixed=True,
     runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit)",
 ))

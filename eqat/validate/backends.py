@@ -165,7 +165,43 @@ register(Backend("bitblas", ("gptq", "bitblas"), _bitblas_why_not, _load_bitblas
 
 # transformers
 
+def weight_schemes(kind: str, qc: dict) -> list[dict[str, Any]]:
+    """Every weight scheme a folder's quantization_config declares, as {bits, sym, targets}: one
+    for a uniform folder, more for mixed precision (GPTQ `dynamic`, compressed-tensors groups)."""
+    if kind == "compressed-tensors":
+        return [{"bits": (g.get("weights") or {}).get("num_bits"), "sym": (g.get("weights") or {}).get("symmetric"),
+                 "targets": g.get("targets") or []} for g in (qc.get("config_groups") or {}).values()]
+    rules = [{"bits": r.get("bits", qc.get("bits")), "sym": r.get("sym", qc.get("sym")), "targets": [k]}
+             for k, r in (qc.get("dynamic") or {}).items() if not k.startswith("-:")]
+    return [{"bits": qc.get("bits"), "sym": qc.get("sym"), "targets": ["Linear"]}] + rules
+
+
+def split_fused(qc: dict) -> str | None:
+    """A fused group (q/k/v, gate/up of one block) whose members a compressed-tensors folder puts in
+    different groups, which vLLM cannot load (it fuses them into one Linear with one scheme)."""
+    from eqat.engine.allocate import FUSED
+
+    group_of = {t: i for i, g in enumerate(weight_schemes("compressed-tensors", qc)) for t in g["targets"]}
+    for name in group_of:
+        parent, _, leaf = name.rpartition(".")
+        for members in FUSED:
+            if leaf in members:
+                got = {group_of.get(f"{parent}.{m}", 0) for m in members}
+                if len(got) > 1:
+                    return f"{parent}.{'/'.join(members)}"
+    return None
+
+
 def _transformers_why_not(kind: str, qc: dict) -> str | None:
+    schemes = weight_schemes(kind, qc)
+    if kind == "gptq" and len(schemes) > 1:
+        return ("transformers (through optimum) drops GPTQ's per-module `dynamic` overrides, so a mixed-precision "
+                "GPTQ folder does not load; validate it with gptqmodel, or export compressed-tensors")
+    if kind == "compressed-tensors" and len(schemes) > 1 and not all(s["sym"] for s in schemes):
+        return ("transformers 5 with compressed-tensors 0.20 reads mixed-precision pack-quantized folders only when "
+                "every scheme is symmetric (its compressed path cannot load asymmetric zero-points, and its "
+                "dequantize path decodes every layer with the first group's scheme); validate with vllm or "
+                "onnxruntime, or quantize with symmetric schemes")
     if kind in ("gptq", "awq"):
         return _missing("optimum", "gptqmodel")
     return _missing("compressed_tensors")
@@ -178,10 +214,12 @@ def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
     if kind == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 
-        # asymmetric pack-quantized loads only dequantized in transformers 5.23 (docs/formats.md)
+        # asymmetric pack-quantized loads only dequantized in transformers 5.23 (docs/formats.md); that path
+        # decodes every layer with one scheme, so mixed precision (symmetric only, _transformers_why_not) runs compressed
         dtype = torch.float16 if device == "cuda" else torch.float32
+        mixed = len(weight_schemes(kind, qc)) > 1
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+                                                     quantization_config=CompressedTensorsConfig(dequantize=not mixed))
     else:
         dtype = torch.float16
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
@@ -221,13 +259,20 @@ def cpu_has_avx512() -> bool:
 
 
 def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
-    if kind == "gptq" and not (qc.get("sym") and qc.get("bits") in (4, 8) and qc.get("checkpoint_format") == "gptq"):
-        return "vLLM reads GPTQ only 4/8-bit symmetric v1; export compressed-tensors for other schemes"
+    schemes = weight_schemes(kind, qc)
+    if kind == "gptq" and not (all(s["sym"] and s["bits"] in (4, 8) for s in schemes)
+                               and qc.get("checkpoint_format") == "gptq"):
+        return "vLLM reads GPTQ only 4/8-bit symmetric v1 (every module's); export compressed-tensors for other schemes"
     if kind == "awq" and qc.get("bits") != 4:
         return "vLLM reads AWQ 4-bit only"
-    bits = qc.get("bits") or ((qc.get("config_groups") or {}).get("group_0", {}).get("weights") or {}).get("num_bits")
-    if not torch.cuda.is_available() and bits != 4:
-        return f"vLLM on CPU runs weight-only 4-bit only (CPUWNA16), not {bits}-bit; 2/3/8-bit need its CUDA kernels"
+    split = split_fused(qc) if kind == "compressed-tensors" else None
+    if split:
+        return (f"{split} have different schemes and vLLM fuses them into one layer with one scheme; quantize with "
+                "--tie-fused (the default) or give the whole group one --override")
+    bits = sorted({s["bits"] for s in schemes})
+    if not torch.cuda.is_available() and bits != [4]:
+        return (f"vLLM on CPU runs weight-only 4-bit only (CPUWNA16), not {'/'.join(map(str, bits))}-bit; 2/3/8-bit "
+                "need its CUDA kernels")
     if not torch.cuda.is_available() and not cpu_has_avx512():
         return ("vLLM's CPU build has its weight-only 4-bit kernel (cpu_gemm_wna16) in its AVX-512 library only, "
                 "and this CPU has no AVX-512; run on an AVX-512 CPU or a GPU")

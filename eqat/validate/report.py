@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from eqat.core.layer_schemes import bits_text
 from eqat.io.checkpoint import atomic_dir
 from eqat.errors import EqatInputError
 from eqat.io.lock import output_lock
@@ -47,7 +48,8 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(report)]
     t = report["thresholds"]
-    return (f"Reference: eqat checkpoint `{report['model']}` ({report['scheme']}); WikiText-2 test, {report['windows']} "
+    bits = f", {bits_text(report['bits'])}" if report.get("bits") else ""
+    return (f"Reference: eqat checkpoint `{report['model']}` ({report['scheme']}{bits}); WikiText-2 test, {report['windows']} "
             f"windows of {report['seqlen']} tokens; greedy agreement over {report['new_tokens']} new tokens on "
             f"{len(report['prompts'])} prompts. Each backend is compared with eqat's own forward in the backend's dtype. "
             f"Thresholds: |ppl delta| <= {t['max_ppl_delta_pct']}%, top-1 >= {100 * t['min_top1_agree']:.0f}%, "

@@ -230,7 +230,8 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
              vllm_python: str | None = None, vllm_timeout: int = 900, progress: bool = True) -> dict[str, Any]:
     """Score every export (and the checkpoint itself on other kernels) against the checkpoint.
     It passes when at least one export was compared by a runtime and nothing failed."""
-    from eqat.io.checkpoint import load_quantized
+    from eqat.core.layer_schemes import bits_summary
+    from eqat.io.checkpoint import load_quantized, modules_of_model, quantized_modules
     from eqat.data.sources import eval_token_ids
     from eqat.data.evaluate import check_windows
 
@@ -240,7 +241,9 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
                              "pass --new-tokens 1 or more.")
     folders = _folders(model_dir, exports, backends)
     model_dir = folders[0][0]
-    _, tok, meta = load_quantized(model_dir)
+    qmodel, tok, meta = load_quantized(model_dir)
+    bits = bits_summary(modules_of_model(quantized_modules(qmodel)))
+    del qmodel
     ids = eval_token_ids(tok, "wikitext2")
     if ids.numel() < windows * seqlen:
         raise EqatInputError(f"the evaluation text has {ids.numel()} tokens, fewer than {windows} x {seqlen}; "
@@ -260,6 +263,6 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
         else:
             rows.append(_run_one(folder, name, ref, thresholds, vllm_python, vllm_timeout))
     ok, compared, reason = _verdict(rows, model_dir, folders[1:], backends, vllm_python)
-    return {"model": str(model_dir), "scheme": meta["scheme"], "windows": windows, "seqlen": seqlen,
+    return {"model": str(model_dir), "scheme": meta["scheme"], "bits": bits, "windows": windows, "seqlen": seqlen,
             "new_tokens": new_tokens, "prompts": list(PROMPTS), "thresholds": vars(thresholds), "rows": rows,
             "compared": compared, "passed": ok, "reason": reason}
