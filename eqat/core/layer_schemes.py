@@ -136,6 +136,13 @@ def dominant(schemes: Iterable[QuantScheme], weights: Iterable[int] | None = Non
     return max(count, key=lambda s: (count[s], -s.bits, s.name))
 
 
+def step_ratio(default: QuantScheme, scheme: QuantScheme) -> float:
+    """How much smaller `scheme`'s step sizes are than `default`'s on the same weights (qmax ratio).
+    Mixed precision trains each width's scales at the default's learning rate times this, so an
+    8-bit scale (about 1/85 of a 2-bit one) moves by the same fraction per Adam step, not 85x more."""
+    return default.qmax / scheme.qmax
+
+
 def bits_summary(layers: Mapping[str, tuple[QuantScheme, int, int]], scale_bits: int = 16) -> dict[str, Any]:
     """What the quantized Linears cost. `layers`: name -> (scheme, N, K).
 

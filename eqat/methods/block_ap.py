@@ -19,7 +19,7 @@ from torch import nn
 
 from eqat.core.dtypes import parse_dtype
 from eqat.core.options import option
-from eqat.core.layer_schemes import SchemeLike, as_layer_schemes
+from eqat.core.layer_schemes import SchemeLike, as_layer_schemes, step_ratio
 from eqat.core.scheme import QuantScheme
 from eqat.engine.blockwise import BlockRecord, BlockwiseEngine
 from eqat.engine.config import BlockwiseConfig, check_lr
@@ -106,15 +106,23 @@ class BlockAP(BlockwiseMethod):
     summary = "EfficientQAT phase 1: weights, scales and zero-points of each block trained by reconstruction"
 
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: BlockAPConfig) -> list[ParamGroup]:
-        """Weights train at the learning rate of their own bit width (mixed precision: one group per width)."""
+        """Mixed precision: per bit width, the weights at that width's learning rate and the scales at
+        lr_quant scaled to the width's step size (eqat.core.layer_schemes.step_ratio)."""
         wrapped = wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))
-        _, qparams = trainable_groups(block)
-        by_bits: dict[int, list[nn.Parameter]] = {}
-        for m in wrapped.values():
-            by_bits.setdefault(m.scheme.bits, []).append(m.weight)
-        weights = [ParamGroup("weights" if len(by_bits) == 1 else f"weights_w{b}", ps, cfg.weight_lr(b))
-                   for b, ps in sorted(by_bits.items())]
-        return weights + [ParamGroup("quant", qparams, cfg.lr_quant)]
+        weights, qparams = trainable_groups(block)
+        widths = {m.scheme for m in wrapped.values()}
+        if len(widths) == 1:
+            bits = next(iter(widths)).bits
+            return [ParamGroup("weights", weights, cfg.weight_lr(bits)), ParamGroup("quant", qparams, cfg.lr_quant)]
+        default = as_layer_schemes(scheme).default
+        groups: list[ParamGroup] = []
+        for s in sorted(widths, key=lambda s: (s.bits, s.name)):
+            mods = [m for m in wrapped.values() if m.scheme == s]
+            groups.append(ParamGroup(f"weights_{s.name}", [m.weight for m in mods], cfg.weight_lr(s.bits)))
+            groups.append(ParamGroup(f"scales_{s.name}", [m.quantizer.scale for m in mods],
+                                     cfg.lr_quant * step_ratio(default, s)))
+        zeros = [m.quantizer.zero for m in wrapped.values() if isinstance(m.quantizer.zero, nn.Parameter)]
+        return groups + ([ParamGroup("zeros", zeros, cfg.lr_quant)] if zeros else [])
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: BlockAPConfig) -> torch.Tensor:
         return recon_loss(out, target, cfg.loss, cfg.outlier_ratio, cfg.sink_weight)
@@ -126,7 +134,9 @@ class BlockAP(BlockwiseMethod):
         schemes = as_layer_schemes(scheme)
         bits = sorted({schemes.default.bits, *(s.bits for s in schemes.layers.values())})
         lrs = {f"w{b}": cfg.weight_lr(b) for b in bits}
-        return {"weight_lr": cfg.weight_lr(schemes.default.bits), **({"weight_lr_by_bits": lrs} if len(bits) > 1 else {})}
+        by = {f"w{s.bits}": cfg.lr_quant * step_ratio(schemes.default, s) for s in {schemes.default, *schemes.layers.values()}}
+        return {"weight_lr": cfg.weight_lr(schemes.default.bits),
+                **({"weight_lr_by_bits": lrs, "scale_lr_by_bits": by} if len(bits) > 1 else {})}
 
 
 class BlockAPTrainer(BlockwiseEngine):

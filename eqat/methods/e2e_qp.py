@@ -97,7 +97,9 @@ class E2EQP(EndToEndMethod):
                 params.append(m.zeros)
         main = dominant([m.scheme for m in qmods.values()], [m.in_features * m.out_features for m in qmods.values()])
         order = sorted(by_bits, key=lambda b: b != main.bits)  # the dominant width first: its lr is the one reported
-        return [ParamGroup("quant" if len(by_bits) == 1 else f"quant_w{b}", by_bits[b], cfg.lr_for(b)) for b in order]
+        # other widths: the dominant one's rate scaled to their step size (eqat.core.layer_schemes.step_ratio)
+        lr = {b: cfg.lr_for(b) if b == main.bits else cfg.lr_for(main.bits) * main.qmax / ((1 << b) - 1) for b in order}
+        return [ParamGroup("quant" if len(by_bits) == 1 else f"quant_w{b}", by_bits[b], lr[b]) for b in order]
 
     def prepare_data(self, model: nn.Module, train: E2EData, cfg: E2EQPConfig, state_dir: Path,
                      device: torch.device) -> E2EData:

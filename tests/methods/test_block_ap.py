@@ -207,3 +207,23 @@ def test_keep_last_packs_the_last_state(tmp_path):
     _, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, keep_best=False))
     assert all(r.kept_epoch == 3 and r.heldout_losses == [] for r in records)
     assert any(r.final_loss > r.init_loss for r in records)  # what keep_best prevents
+
+
+def test_mixed_precision_block_trains_each_width_at_its_own_rates():
+    """8-bit scales are ~85x smaller than 2-bit ones: they get lr_quant scaled by the qmax ratio, so an
+    Adam step moves both by the same fraction; zero-points keep lr_quant."""
+    from eqat.core.layer_schemes import LayerSchemes
+    from eqat.core.scheme import QuantScheme
+    from eqat.methods import get_method
+    from eqat.methods.block_ap import BlockAPConfig
+    from tests.conftest import tiny_model
+
+    block = tiny_model("llama").model.layers[0]
+    cfg = BlockAPConfig()
+    schemes = LayerSchemes(QuantScheme(2, 32), {"mlp.down_proj": QuantScheme(8, 32)})
+    groups = {g.name: g for g in get_method("block-ap").prepare_block(block, schemes, cfg)}
+    assert set(groups) == {"weights_w2g32", "scales_w2g32", "weights_w8g32", "scales_w8g32", "zeros"}
+    assert groups["scales_w8g32"].lr == pytest.approx(cfg.lr_quant * 3 / 255) and groups["scales_w2g32"].lr == cfg.lr_quant
+    assert groups["weights_w8g32"].params == [block.mlp.down_proj.weight] and len(groups["weights_w2g32"].params) == 6
+    assert groups["weights_w2g32"].lr == cfg.weight_lr(2) and groups["weights_w8g32"].lr == cfg.weight_lr(8)
+    assert len(groups["zeros"].params) == 7 and groups["zeros"].lr == cfg.lr_quant

@@ -129,3 +129,16 @@ def test_scales_stay_positive_under_a_huge_learning_rate(tmp_path):
     scales = [v for k, v in model.state_dict().items() if k.endswith(".scales")]
     assert all(float(s.float().min()) >= SCALE_MIN * 0.99 for s in scales)
     assert any(float(s.float().min()) < 2 * SCALE_MIN for s in scales)  # the floor was reached and held
+
+
+def test_mixed_precision_scales_train_at_rates_scaled_to_their_step_size():
+    from eqat.core.layer_schemes import LayerSchemes
+    from eqat.methods import get_method
+
+    model = tiny_model()
+    quantize_rtn(model, LayerSchemes(SCHEME, {"model.layers.1.mlp.down_proj": QuantScheme(8, 32)}))
+    c = E2EQPConfig()
+    groups = {g.name: g for g in get_method("e2e-qp").prepare_model(model, c)}
+    assert list(groups) == ["quant_w2", "quant_w8"]  # the dominant width first
+    assert groups["quant_w2"].lr == c.lr_for(2) and groups["quant_w8"].lr == pytest.approx(c.lr_for(2) * 3 / 255)
+    assert groups["quant_w8"].params == [model.model.layers[1].mlp.down_proj.scales] and len(groups["quant_w2"].params) == 13
