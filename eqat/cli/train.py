@@ -131,6 +131,8 @@ def quantize(
 app.command(epilog="Examples:\n\n  eqat quantize                       # SmolLM2 (embedded), Block-AP + E2E-QP w4g64, perplexity\n\n"
             "  eqat quantize --scheme w2g64 --max-windows 8 --out out/w2\n\n"
             "  eqat quantize --method block-ap --scheme w3g64   # Block-AP only (same as --skip-e2e)\n\n"
+            "  eqat quantize --scheme w2g64 --avg-bits 2.25      # mixed precision: sensitive layers at 8 bits\n\n"
+            "  eqat quantize --scheme w2g64 --override 'layers.11.mlp.down_proj=w8g64'\n\n"
             "  eqat quantize --method rtn --model ./Llama-3.2-1B --bits 3 --group-size 128 --no-eval\n\n"
             "  eqat quantize --model ./Qwen2.5-7B --device cuda --nsamples 4096 --calib-seqlen 2048 --offload disk\n\n"
             "Re-running a killed command resumes: Block-AP at the first unfinished block, E2E-QP at its last saved step.")(
