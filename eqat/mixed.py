@@ -24,10 +24,10 @@ ALLOCATION = "allocation.json"
 
 
 def start_schemes(opts: QuantizeOptions, linears: Mapping[str, nn.Linear]) -> LayerSchemes:
-    """--scheme with --override applied; checks every module's fit and, with --avg-bits, the budget."""
+    """--scheme with --override applied; checks every module's fit and, with --avg-bits, the budget
+    (the options alone were checked by QuantizeOptions.check_mixed)."""
     from eqat.engine.allocate import check_budget
 
-    opts.check_mixed()
     start = LayerSchemes.resolve(opts.scheme, list(linears), opts.overrides())
     shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
     start.check(shapes)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 from eqat.core.scheme import QuantScheme
 from eqat.errors import EqatInputError
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # what vLLM fuses
 OVERRIDE_HELP = ("PATTERN=SCHEME, e.g. model.layers.11.mlp.down_proj=w8g64, '*.mlp.down_proj=w4g64' or "
                  "'re:.*\\.1[0-2]\\.mlp\\..*=w3g64'")
 
@@ -33,6 +34,16 @@ def matches(pattern: str, name: str) -> bool:
     if any(c in pattern for c in "*?["):
         return fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
+
+
+def fused_group(name: str) -> tuple[str, list[str]] | None:
+    """For a member of a layer vLLM fuses (q/k/v, gate/up): (the fused layer's full name, its members'
+    full names); None for any other module."""
+    parent, _, leaf = name.rpartition(".")
+    for fused, members in FUSED.items():
+        if leaf in members:
+            return f"{parent}.{fused}", [f"{parent}.{m}" for m in members]
+    return None
 
 
 @dataclass(frozen=True)
@@ -130,8 +141,9 @@ def as_layer_schemes(scheme: SchemeLike) -> LayerSchemes:
 
 def dominant(schemes: Iterable[QuantScheme], weights: Iterable[int] | None = None) -> QuantScheme:
     """The scheme holding the most weights (the most layers when `weights` is None); ties: fewest bits."""
+    schemes = list(schemes)
     count: Counter = Counter()
-    for s, w in zip(schemes, weights if weights is not None else iter(lambda: 1, None)):
+    for s, w in zip(schemes, [1] * len(schemes) if weights is None else weights):
         count[s] += w
     return max(count, key=lambda s: (count[s], -s.bits, s.name))
 

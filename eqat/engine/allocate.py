@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eqat.core.layer_schemes import LayerSchemes
+from eqat.core.layer_schemes import LayerSchemes, fused_group
 from eqat.core.qlinear import QuantLinear
 from eqat.core.scheme import QuantScheme
 from eqat.errors import EqatInputError
 
 SENSITIVITY = ("fisher", "kl")
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM fuses into one Linear
 MIN_BITS, MAX_BITS = 2.0, 8.0
 
 
@@ -99,14 +98,10 @@ def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def fused_units(names: Sequence[str], tie: bool = True) -> list[list[str]]:
     """Layers that must share a scheme: siblings a runtime fuses (q/k/v, gate/up), else one each."""
-    if not tie:
-        return [[n] for n in names]
-    units: dict[tuple[str, int], list[str]] = {}
+    units: dict[str, list[str]] = {}
     for n in names:
-        parent, _, leaf = n.rpartition(".")
-        kind = next((k for k, fused in enumerate(FUSED) if leaf in fused), None)
-        key = (parent, kind) if kind is not None else (n, -1)
-        units.setdefault(key, []).append(n)
+        group = fused_group(n) if tie else None
+        units.setdefault(group[0] if group else n, []).append(n)
     return list(units.values())
 
 
@@ -172,8 +167,6 @@ def measure_and_allocate(model: nn.Module, linears: Mapping[str, nn.Linear], sta
     if how not in SENSITIVITY:
         raise EqatInputError(f"--sensitivity must be one of {', '.join(SENSITIVITY)}, got '{how}'.")
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
-    for s in levels:  # a promote scheme must fit every layer (EqatInputError naming one that it does not)
-        LayerSchemes(s).check(shapes)
     t0 = time.perf_counter()
     measure: Callable = fisher_sensitivity if how == "fisher" else kl_sensitivity
     schemes_needed = list({start.default, *start.layers.values(), *levels})

@@ -103,10 +103,8 @@ def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
     """group_0 targets every Linear at the default scheme; each other scheme is a group targeting its
     modules by exact name (exact names win over class targets in compressed-tensors and vLLM)."""
     groups = {"group_0": {"targets": ["Linear"], "weights": _weights(schemes.default)}}
-    by_scheme: dict[QuantScheme, list[str]] = {}
-    for name, s in schemes.layers.items():
-        by_scheme.setdefault(s, []).append(name)
-    for i, (s, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: (kv[0].bits, kv[0].name)), start=1):
+    others = schemes.distinct(schemes.layers)
+    for i, (s, names) in enumerate(sorted(others.items(), key=lambda kv: (kv[0].bits, kv[0].name)), start=1):
         groups[f"group_{i}"] = {"targets": names, "weights": _weights(s)}
     for g in groups.values():
         g.update({"input_activations": None, "output_activations": None, "format": "pack-quantized"})

@@ -36,7 +36,7 @@ import torch
 from eqat import __version__
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import pack_int32, unpack_int32
-from eqat.core.layer_schemes import LayerSchemes
+from eqat.core.layer_schemes import LayerSchemes, fused_group
 from eqat.core.scheme import QuantScheme
 
 FORMATS = ("gptq", "gptq_v2")
@@ -112,18 +112,14 @@ def dynamic_rules(schemes: LayerSchemes) -> dict[str, dict[str, Any]]:
     """GPTQModel's per-module overrides: `+:^<exact name>$` -> that module's fields. GPTQModel matches
     full module names; vLLM matches its fused names (qkv_proj, gate_up_proj), so a fused group whose
     members share a scheme gets a rule under the fused name too."""
-    from eqat.engine.allocate import FUSED
-
     def fields(s: QuantScheme) -> dict[str, Any]:
         return {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric, "desc_act": False}
 
     rules = {f"+:^{re.escape(name)}$": fields(s) for name, s in schemes.layers.items()}
-    parents = {name.rpartition(".")[0] for name in schemes.layers}
-    for parent in sorted(parents):
-        for members, fused in zip(FUSED, ("qkv_proj", "gate_up_proj")):
-            got = {schemes(f"{parent}.{m}") for m in members}
-            if len(got) == 1 and f"{parent}.{members[0]}" in schemes.layers:
-                rules[f"+:^{re.escape(f'{parent}.{fused}')}$"] = fields(got.pop())
+    for name, s in schemes.layers.items():
+        group = fused_group(name)
+        if group and all(schemes(m) == s for m in group[1]):
+            rules[f"+:^{re.escape(group[0])}$"] = fields(s)
     return rules
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqat.core.layer_schemes import dominant
+from eqat.core.layer_schemes import dominant, step_ratio
+from eqat.core.scheme import QuantScheme
 from eqat.core.options import option
 from eqat.core.quantizer import SCALE_MAX, SCALE_MIN, valid_zero
 from eqat.engine.config import EndToEndConfig, check_lr
@@ -88,7 +89,9 @@ class E2EQP(EndToEndMethod):
         for p in model.parameters():
             p.requires_grad_(False)
         by_bits: dict[int, list[nn.Parameter]] = {}  # mixed precision: each bit width at its own learning rate
+        width: dict[int, QuantScheme] = {}
         for m in qmods.values():
+            width.setdefault(m.scheme.bits, m.scheme)
             params = by_bits.setdefault(m.scheme.bits, [])
             m.scales = nn.Parameter(m.scales.detach().float(), requires_grad=True)
             params.append(m.scales)
@@ -98,7 +101,7 @@ class E2EQP(EndToEndMethod):
         main = dominant([m.scheme for m in qmods.values()], [m.in_features * m.out_features for m in qmods.values()])
         order = sorted(by_bits, key=lambda b: b != main.bits)  # the dominant width first: its lr is the one reported
         # other widths: the dominant one's rate scaled to their step size (eqat.core.layer_schemes.step_ratio)
-        lr = {b: cfg.lr_for(b) if b == main.bits else cfg.lr_for(main.bits) * main.qmax / ((1 << b) - 1) for b in order}
+        lr = {b: cfg.lr_for(b) if b == main.bits else cfg.lr_for(main.bits) * step_ratio(main, width[b]) for b in order}
         return [ParamGroup("quant" if len(by_bits) == 1 else f"quant_w{b}", by_bits[b], lr[b]) for b in order]
 
     def prepare_data(self, model: nn.Module, train: E2EData, cfg: E2EQPConfig, state_dir: Path,

@@ -179,16 +179,13 @@ def weight_schemes(kind: str, qc: dict) -> list[dict[str, Any]]:
 def split_fused(qc: dict) -> str | None:
     """A fused group (q/k/v, gate/up of one block) whose members a compressed-tensors folder puts in
     different groups, which vLLM cannot load (it fuses them into one Linear with one scheme)."""
-    from eqat.engine.allocate import FUSED
+    from eqat.core.layer_schemes import fused_group
 
     group_of = {t: i for i, g in enumerate(weight_schemes("compressed-tensors", qc)) for t in g["targets"]}
     for name in group_of:
-        parent, _, leaf = name.rpartition(".")
-        for members in FUSED:
-            if leaf in members:
-                got = {group_of.get(f"{parent}.{m}", 0) for m in members}
-                if len(got) > 1:
-                    return f"{parent}.{'/'.join(members)}"
+        group = fused_group(name)
+        if group and len({group_of.get(m, 0) for m in group[1]}) > 1:
+            return "/".join([group[1][0], *(m.rpartition(".")[2] for m in group[1][1:])])
     return None
 
 
