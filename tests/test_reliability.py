@@ -378,7 +378,7 @@ def test_a_disk_that_fills_mid_write_is_bad_input(cli, tiny_model_dir, calib, tm
     ck = tmp_path / "ck"
     if where == "export":
         assert cli("quantize", "--model", str(model), "--method", "rtn", "--out", str(ck), "--no-eval", "-q")[0] == 0
-    target = {"plot": (eqat.io.report, "_save_figure"), "checkpoint": (eqat.io.checkpoint, "save_file"),
+    target = {"plot": (eqat.io.report, "save_figure"), "checkpoint": (eqat.io.checkpoint, "save_file"),
               "export": (eqat.exporters.base, "save_file"), "resume": (ActivationStream, "save")}[where]
     monkeypatch.setattr(*target, full)
     if where == "export":

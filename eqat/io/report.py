@@ -40,7 +40,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save_figure(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     """Save a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt
 
@@ -73,7 +73,7 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_block_losses(blocks: list[dict[str, Any]], path: str | Path, title: str) -> None:
@@ -93,7 +93,7 @@ def plot_block_losses(blocks: list[dict[str, Any]], path: str | Path, title: str
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_e2e_losses(log: list[dict[str, Any]], path: str | Path, title: str,
@@ -116,7 +116,7 @@ def plot_e2e_losses(log: list[dict[str, Any]], path: str | Path, title: str,
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sensitivity(section: dict[str, Any], default: str, path: str | Path, title: str) -> None:
@@ -145,4 +145,4 @@ def plot_sensitivity(section: dict[str, Any], default: str, path: str | Path, ti
     ax.set_title(title + f"; ringed: promoted ({len(section['promoted'])})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    _save_figure(fig, path)
+    save_figure(fig, path)
