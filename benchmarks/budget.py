@@ -8,9 +8,9 @@ For each --nsamples N (windows of --calib-seqlen tokens; 64, 256, 1024 x 256 = 1
     eqat train-e2e <that> --e2e-nsamples N --e2e-loss L --no-eval              (each --e2e-losses L)
     eqat eval <each> --max-windows W
 
-E2E-QP gets the same number of tokens as Block-AP (N windows of --calib-seqlen). Every run
-lives in --work-dir and a finished one is reused, so the table fills in over several calls
-(a killed run resumes where eqat's own resume leaves it). Rows are merged into
+E2E-QP gets as many tokens as Block-AP (N windows of --calib-seqlen), or --e2e-scale times as
+many. Every run lives in --work-dir and a finished one is reused, so the table fills in over
+several calls (a killed run resumes where eqat's own resume leaves it). Rows are merged into
 benchmarks/results/<name>.json by (tokens, variant); <name>.md and <name>.png (perplexity
 against wall time) are rewritten. Times are process wall clock on this machine: compare them
 only within one machine, and run with the machine to yourself. Run:
@@ -83,17 +83,20 @@ def run_block_ap(args: argparse.Namespace, n: int) -> tuple[Path, dict]:
         _, seconds = eqat_json(cmd)
         report = finished_report(out)
         cached(out, "process_seconds", lambda: seconds)
-    return out, {"phase_seconds": report["quantize_seconds"], "process_seconds": process_seconds(out, report["quantize_seconds"]),
+    return out, {"phase_seconds": report["quantize_seconds"],
+                 "process_seconds": process_seconds(out, report["quantize_seconds"]),
                  "peak_memory_bytes": report["block_ap"]["peak_memory_bytes"], "blocks": len(report["blocks"])}
 
 
-def run_e2e(args: argparse.Namespace, ckpt: Path, n: int, loss: str) -> tuple[Path, dict]:
-    """E2E-QP with `loss` on n sequences from the Block-AP checkpoint (reused when finished)."""
-    out = ckpt.with_name(f"{ckpt.name}-e2e-{loss}")
+def run_e2e(args: argparse.Namespace, ckpt: Path, n: int, loss: str, scale: int) -> tuple[Path, dict]:
+    """E2E-QP with `loss` on scale x n sequences from the Block-AP checkpoint of n windows
+    (reused when finished)."""
+    out = ckpt.with_name(f"{ckpt.name}-e2e-{loss}" + (f"{scale * n}" if scale != 1 else ""))
+    n = scale * n
     report = finished_report(out)
     if report is None:
-        cmd = ["train-e2e", str(ckpt), "--out", str(out), "--e2e-nsamples", str(n), "--e2e-seqlen", str(args.calib_seqlen),
-               "--e2e-loss", loss, "--seed", str(args.seed), "--no-eval"]
+        cmd = ["train-e2e", str(ckpt), "--out", str(out), "--e2e-nsamples", str(n),
+               "--e2e-seqlen", str(args.calib_seqlen), "--e2e-loss", loss, "--seed", str(args.seed), "--no-eval"]
         _, seconds = eqat_json(cmd)
         report = finished_report(out)
         cached(out, "process_seconds", lambda: seconds)
@@ -121,12 +124,14 @@ def markdown(results: dict, fp_ppl: float) -> str:
     md = [f"# {s['scheme']} on {Path(s['model']).name}: what training budget buys", "",
           f"WikiText-2 test, first {s['max_windows']} windows x {s['seqlen']} tokens; FP perplexity {fp_ppl:.2f}. "
           f"Calibration: C4 windows of {s['calib_seqlen']} tokens, seed {s['seed']}; Block-AP {s['epochs']} epoch(s); "
-          "E2E-QP on as many tokens as Block-AP, one epoch. Seconds are process wall clock (load, train, save) "
+          "E2E-QP one epoch on as many tokens as Block-AP (x k: k times as many); its held-out NLL is on sequences "
+          "that depend on the number drawn, so compare it within rows of one E2E size. "
+          "Seconds are process wall clock (load, train, save) "
           f"on this machine ({results['environment']['cpu_count']} CPUs, {results['environment']['torch_threads']} "
           "torch threads); the pipeline column is Block-AP plus that row's E2E-QP.", "",
           "| calib tokens | variant | perplexity | x FP | Block-AP s | E2E-QP s | pipeline s | pipeline min "
           "| E2E held-out NLL |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results["rows"], key=lambda r: (r["tokens"], VARIANT_ORDER.get(r["variant"], 9))):
+    for r in sorted(results["rows"], key=lambda r: (r["tokens"], VARIANT_ORDER.get(r["variant"], 9), r["variant"])):
         e2e = r["e2e"]
         e2e_seconds = f"{e2e['process_seconds']:.0f}" if e2e else "-"
         nll = f"{e2e['val_loss_before']:.3f} -> {e2e['val_loss_after']:.3f}" if e2e else "-"
@@ -143,14 +148,16 @@ def plot(results: dict, fp_ppl: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant in sorted({r["variant"] for r in results["rows"]}, key=lambda v: VARIANT_ORDER.get(v, 9)):
+    for variant in sorted({r["variant"] for r in results["rows"]}, key=lambda v: (VARIANT_ORDER.get(v, 9), v)):
         rows = sorted((r for r in results["rows"] if r["variant"] == variant), key=lambda r: r["tokens"])
         ax.plot([r["pipeline_seconds"] / 60 for r in rows], [r["ppl"] for r in rows], marker="o", label=variant)
         for r in rows:
-            ax.annotate(f"{r['tokens'] // 1024}k" if r["tokens"] >= 1024 else str(r["tokens"]), (r["pipeline_seconds"] / 60, r["ppl"]), fontsize=7,
+            label = f"{r['tokens'] // 1024}k" if r["tokens"] >= 1024 else str(r["tokens"])
+            ax.annotate(label, (r["pipeline_seconds"] / 60, r["ppl"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     for mult, style in ((1, "-"), (2, "--"), (3, ":")):
-        ax.axhline(fp_ppl * mult, color="grey", linestyle=style, linewidth=0.8, label=f"{mult}x FP" if mult > 1 else "FP")
+        ax.axhline(fp_ppl * mult, color="grey", linestyle=style, linewidth=0.8,
+                   label=f"{mult}x FP" if mult > 1 else "FP")
     ax.set_yscale("log")
     ax.set_xlabel("pipeline wall time (min)")
     ax.set_ylabel("WikiText-2 perplexity")
@@ -167,6 +174,8 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2, help="Block-AP epochs (eqat's default 2)")
     ap.add_argument("--e2e-losses", default="nll,kd", help="E2E-QP losses, one row each (nll, kd, mix)")
+    ap.add_argument("--e2e-scale", type=int, default=1,
+                    help="E2E-QP trains on this many times Block-AP's tokens (rows labelled e.g. '+e2e-mix x2')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=16)
@@ -190,12 +199,12 @@ def main() -> None:
         ckpt, bap = run_block_ap(args, n)
         variants = [("block-ap", ckpt, None)]
         for loss in args.e2e_losses.split(","):
-            out, e2e = run_e2e(args, ckpt, n, loss)
-            variants.append((f"+e2e-{loss}", out, e2e))
+            out, e2e = run_e2e(args, ckpt, n, loss, args.e2e_scale)
+            variants.append((f"+e2e-{loss}" + (f" x{args.e2e_scale}" if args.e2e_scale != 1 else ""), out, e2e))
         for variant, folder, e2e in variants:
             ev = evaluate(folder, args.max_windows, args.seqlen)
-            row = {"tokens": tokens, "nsamples": n, "variant": variant, "ppl": ev["ppl"], "eval_seconds": ev["eval_seconds"],
-                   "block_ap": bap, "e2e": e2e,
+            row = {"tokens": tokens, "nsamples": n, "variant": variant, "ppl": ev["ppl"],
+                   "eval_seconds": ev["eval_seconds"], "block_ap": bap, "e2e": e2e,
                    "pipeline_seconds": bap["process_seconds"] + (e2e["process_seconds"] if e2e else 0.0)}
             results = merge_row(path, settings, row)
             print(f"  {variant:12s} ppl {ev['ppl']:9.2f}  pipeline {row['pipeline_seconds'] / 60:6.1f} min", flush=True)

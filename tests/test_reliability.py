@@ -445,4 +445,5 @@ def test_a_config_file_cannot_allow_deleting_foreign_folders(cli, tiny_model_dir
 def test_messages_are_printed_literally_not_as_markup(cli, tmp_path):
     missing = tmp_path / "[bold]model[/bold]"
     code, _, err = cli("quantize", "--model", str(missing), "--method", "rtn", "--no-eval", "-q")
-    assert code == 2 and "[bold]model[/bold]" in err
+    # rich wraps long lines (the fixture collapses the break to a space), anywhere in a long tmp path
+    assert code == 2 and "[bold]model[/bold]" in err.replace(" ", "")
