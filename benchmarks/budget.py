@@ -10,7 +10,10 @@ For each --nsamples N (windows of --calib-seqlen tokens; 64, 256, 1024 x 256 = 1
 
 E2E-QP gets as many tokens as Block-AP (N windows of --calib-seqlen), or --e2e-scale times as
 many. Every run lives in --work-dir and a finished one is reused, so the table fills in over
-several calls (a killed run resumes where eqat's own resume leaves it). Rows are merged into
+several calls (a killed run resumes where eqat's own resume leaves it). `--selections` adds Block-AP
+runs that keep each block's state by next-token loss (`nll`: `--keep-best-by nll`) or keep the last
+one (`last`: `--keep-last`) beside the default (`loss`: the held-out block loss); their rows are
+labelled e.g. 'block-ap [nll]'. Rows are merged into
 benchmarks/results/<name>.json by (tokens, variant); <name>.md and <name>.png (perplexity
 against wall time) are rewritten. Times are process wall clock on this machine: compare them
 only within one machine, and run with the machine to yourself. Run:
@@ -72,14 +75,20 @@ def evaluate(folder: Path, windows: int, seqlen: int) -> dict:
     return cached(folder, f"eval-{windows}x{seqlen}", run)
 
 
-def run_block_ap(args: argparse.Namespace, n: int) -> tuple[Path, dict]:
-    """Block-AP on n windows (reused when finished); its folder and timing."""
-    out = args.work_dir / f"bap-{args.scheme}-{n}x{args.calib_seqlen}-e{args.epochs}-seed{args.seed}"
+SELECTION_FLAGS = {"loss": [], "nll": ["--keep-best-by", "nll"], "last": ["--keep-last"]}
+
+
+def run_block_ap(args: argparse.Namespace, n: int, selection: str = "loss") -> tuple[Path, dict]:
+    """Block-AP on n windows keeping each block's state by `selection` (reused when finished); its
+    folder and timing."""
+    out = args.work_dir / (f"bap-{args.scheme}-{n}x{args.calib_seqlen}-e{args.epochs}-seed{args.seed}"
+                           + ("" if selection == "loss" else f"-keep-{selection}"))
     report = finished_report(out)
     if report is None:
         cmd = ["quantize", "--scheme", args.scheme, "--method", "block-ap", "--nsamples", str(n),
                "--calib-seqlen", str(args.calib_seqlen), "--epochs", str(args.epochs), "--seed", str(args.seed),
-               "--out", str(out), "--no-eval", *(["--model", args.model] if args.model else [])]
+               "--out", str(out), "--no-eval", *SELECTION_FLAGS[selection],
+               *(["--model", args.model] if args.model else [])]
         _, seconds = eqat_json(cmd)
         report = finished_report(out)
         cached(out, "process_seconds", lambda: seconds)
@@ -138,6 +147,11 @@ def markdown(results: dict, fp_ppl: float) -> str:
         md.append(f"| {r['tokens']:,} | {r['variant']} | {r['ppl']:.2f} | {r['ppl'] / fp_ppl:.1f} "
                   f"| {r['block_ap']['process_seconds']:.0f} | {e2e_seconds} | {r['pipeline_seconds']:.0f} "
                   f"| {r['pipeline_seconds'] / 60:.1f} | {nll} |")
+    notes: dict[str, list[str]] = {}
+    for r in results["rows"]:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(r["variant"])
+    md += [""] + [f"- {', '.join(sorted(v))}: {note}" for note, v in notes.items()] if notes else []
     return "\n".join(md) + "\n"
 
 
@@ -176,6 +190,10 @@ def main() -> None:
     ap.add_argument("--e2e-losses", default="nll,kd", help="E2E-QP losses, one row each (nll, kd, mix)")
     ap.add_argument("--e2e-scale", type=int, default=1,
                     help="E2E-QP trains on this many times Block-AP's tokens (rows labelled e.g. '+e2e-mix x2')")
+    ap.add_argument("--selections", default="loss",
+                    help="how Block-AP keeps each block's state, one set of rows each: loss (default), nll, last")
+    ap.add_argument("--note", default=None,
+                    help="how this call's runs shared the machine, kept with its rows and printed under the table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=16)
@@ -185,6 +203,9 @@ def main() -> None:
 
     from eqat.pipeline import resolve_model
 
+    bad = set(args.selections.split(",")) - set(SELECTION_FLAGS)
+    if bad:
+        ap.error(f"--selections: unknown {', '.join(sorted(bad))}; choose from {', '.join(SELECTION_FLAGS)}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(args.model)
     path = RESULTS / f"{args.name or 'budget_' + args.scheme}.json"
@@ -196,16 +217,21 @@ def main() -> None:
     for n in (int(x) for x in args.nsamples.split(",")):
         tokens = n * args.calib_seqlen
         print(f"{args.scheme}: {tokens:,} calibration tokens ({n} x {args.calib_seqlen})", flush=True)
-        ckpt, bap = run_block_ap(args, n)
-        variants = [("block-ap", ckpt, None)]
-        for loss in args.e2e_losses.split(","):
-            out, e2e = run_e2e(args, ckpt, n, loss, args.e2e_scale)
-            variants.append((f"+e2e-{loss}" + (f" x{args.e2e_scale}" if args.e2e_scale != 1 else ""), out, e2e))
-        for variant, folder, e2e in variants:
+        variants = []
+        for selection in args.selections.split(","):
+            tag = "" if selection == "loss" else f" [{selection}]"
+            ckpt, bap = run_block_ap(args, n, selection)
+            variants.append(("block-ap" + tag, ckpt, None, bap))
+            for loss in args.e2e_losses.split(","):
+                out, e2e = run_e2e(args, ckpt, n, loss, args.e2e_scale)
+                variants.append((f"+e2e-{loss}" + (f" x{args.e2e_scale}" if args.e2e_scale != 1 else "") + tag,
+                                 out, e2e, bap))
+        for variant, folder, e2e, bap in variants:
             ev = evaluate(folder, args.max_windows, args.seqlen)
             row = {"tokens": tokens, "nsamples": n, "variant": variant, "ppl": ev["ppl"],
                    "eval_seconds": ev["eval_seconds"], "block_ap": bap, "e2e": e2e,
-                   "pipeline_seconds": bap["process_seconds"] + (e2e["process_seconds"] if e2e else 0.0)}
+                   "pipeline_seconds": bap["process_seconds"] + (e2e["process_seconds"] if e2e else 0.0),
+                   **({"note": args.note} if args.note else {})}
             results = merge_row(path, settings, row)
             print(f"  {variant:12s} ppl {ev['ppl']:9.2f}  pipeline {row['pipeline_seconds'] / 60:6.1f} min", flush=True)
             path.with_suffix(".md").write_text(markdown(results, fp_ppl))

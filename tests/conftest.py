@@ -120,7 +120,10 @@ def cli(monkeypatch, capsys):
     """Run `eqat ARGS...` in process: (exit code, stdout, stderr with whitespace collapsed)."""
     import sys
 
-    from eqat.cli import main
+    from eqat.cli import common, main
+
+    for console in (common.out, common.err):  # wide, so that no assertion depends on where rich wraps
+        monkeypatch.setattr(console, "_width", 240)
 
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["eqat", *args])

@@ -113,6 +113,7 @@ def quantize(
             bt.add_column(col, justify="right")
         for b in report["blocks"]:
             kept = {0: "start", -1: "last"}.get(b.get("kept_epoch", -1), f"epoch {b.get('kept_epoch')}")
+            kept += " (nll)" if b.get("selected_by") == "nll" else ""
             bt.add_row(str(b["block"]), f"{b['init_loss']:.4g}", f"{b['final_loss']:.4g}", kept, f"{b['seconds']:.1f}")
         out.print(bt)
         ba = report["block_ap"]

@@ -45,6 +45,7 @@ from eqat.core.layer_schemes import LayerSchemes, SchemeLike, as_layer_schemes
 from eqat.engine.config import BlockwiseConfig
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
 from eqat.engine.health import nonfinite_tensors, scales_at_limits
+from eqat.engine.selection import Best, HeldoutNLL, run_block
 from eqat.engine.state import check_fingerprint, damaged, load_state, save_state, storable
 from eqat.engine.streams import ActivationStream
 from eqat.errors import EqatError, EqatInputError
@@ -79,11 +80,8 @@ class BlockRecord:
     kept_epoch: int = -1  # which packed state was kept: 0 = the start (RTN), k = after epoch k
     fake_quant_loss: float | None = None  # held-out loss of the trained block before packing
     heldout_losses: list[float] = field(default_factory=list)  # packed, at the start and after each epoch
-
-
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    selected_by: str = "loss"  # what chose kept_epoch: the held-out block loss, or "nll" (eqat.engine.selection)
+    heldout_nll: list[float] = field(default_factory=list)  # with "nll": each candidate's next-token loss
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -94,20 +92,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _saved(i: int) -> str:
     return "no block is saved yet" if i == 0 else f"blocks 0-{i - 1} are saved"
-
-
-class _Best:
-    """The packed state with the lowest held-out loss among those offered (0: before training,
-    k: after epoch k); a non-finite loss is never kept over a finite one."""
-
-    def __init__(self, loss_of: Callable[[nn.Module], float]) -> None:
-        self.loss_of, self.block, self.loss, self.epoch, self.losses = loss_of, None, math.inf, -1, []
-
-    def offer(self, epoch: int, packed: nn.Module) -> None:
-        loss = self.loss_of(packed)
-        self.losses.append(loss)
-        if self.block is None or (math.isfinite(loss) and not loss >= self.loss):
-            self.block, self.loss, self.epoch = packed, loss, epoch
 
 
 class _Stop(Exception):
@@ -159,6 +143,8 @@ class BlockwiseEngine:
         self.act_dtype = parse_dtype(config.act_dtype)
         self.storage_dtype = parse_dtype(config.storage_dtype)
         self.records: list[BlockRecord] = []
+        self._calib: torch.Tensor | None = None  # token ids of the run, for --keep-best-by nll
+        self._scorer: HeldoutNLL | None = None
 
     # ---- inputs of block 0 -------------------------------------------------------------
     @torch.no_grad()
@@ -350,7 +336,8 @@ class BlockwiseEngine:
         while True:
             groups = self.method.prepare_block(block, self._block_schemes(i), cfg)
             init_loss = self._loss(block, xq, yfp, val, kw)
-            best = _Best(lambda b: self._loss(b, xq, yfp, val, kw))
+            best = Best(lambda b: self._loss(b, xq, yfp, val, kw),
+                        (lambda b: self._nll(i, b, xq, val, kw)) if cfg.keep_best_by == "nll" else None)
             if cfg.keep_best:
                 best.offer(0, self._packed(block))
             on_epoch = (lambda e: best.offer(e, self._packed(block))) if cfg.keep_best else None
@@ -383,9 +370,21 @@ class BlockwiseEngine:
         self.blocks[i] = block.to("cpu")
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
-                          guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses)
+                          guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses,
+                          cfg.keep_best_by if cfg.keep_best else "last", best.scores)
         self.records.append(rec)
         return yfp, xq_next
+
+    def _nll(self, i: int, block: nn.Module, xs: ActivationStream, rows: range, kw) -> float:
+        """--keep-best-by nll: the next-token loss of windows `rows` with `block` as block i."""
+        if self._scorer is None:
+            spec = arch_for(self.model)
+            norm, head = get_submodule(self.model, spec.final_norm), get_submodule(self.model, spec.lm_head)
+            if norm is None or head is None:
+                raise EqatInputError(f"--keep-best-by nll needs the final norm '{spec.final_norm}' and the LM head "
+                                     f"'{spec.lm_head}', which this model lacks; use --keep-best-by loss.")
+            self._scorer = HeldoutNLL(self.blocks, norm, head, self._calib, kw, self.device, self.config.batch_size)
+        return self._scorer(i, block, xs, rows)
 
     def _packed(self, block: nn.Module) -> nn.Module:
         """A packed copy of the block being trained (the block itself is left as it is)."""
@@ -409,6 +408,7 @@ class BlockwiseEngine:
         n, t = calib.shape
         h = self.model.config.hidden_size
         n_train = n - cfg.val_samples if n > cfg.val_samples else n
+        self._calib = calib
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = self._read_state()
         if state is None:

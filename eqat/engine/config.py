@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from eqat.core.options import option
+from eqat.engine.selection import SELECT_BY
 from eqat.engine.streams import OFFLOADS
 from eqat.errors import EqatInputError
 
@@ -26,6 +27,9 @@ class BlockwiseConfig:
     act_dtype: str = option("bfloat16", "dtype of stored activations: bfloat16, float16, float32.")
     keep_best: bool = option(True, "Keep each block's best packed state on the held-out windows (the start, i.e. RTN, "
                                    "or the end of an epoch) instead of the last one.", flags=("--keep-best/--keep-last",))
+    keep_best_by: str = option("loss", "What --keep-best compares: loss (the method's block loss on the held-out "
+                                       "windows) or nll (their next-token loss through the rest of the model in full "
+                                       "precision; slower, for when one entry owns the block loss, as at 2 bits).")
     offload: str = option("cpu", "Where block activations live: cpu (memory) or disk (memory-mapped files).", result=False)
     storage_dtype: str = option("float16", cli=False)  # of scales and zero-points: the pipeline sets it from --dtype
     seed: int = option(0, cli=False)  # the pipeline sets it from --seed
@@ -33,6 +37,8 @@ class BlockwiseConfig:
     def check(self) -> None:
         if self.offload not in OFFLOADS:
             raise EqatInputError(f"--offload must be one of {', '.join(OFFLOADS)}, got '{self.offload}'.")
+        if self.keep_best_by not in SELECT_BY:
+            raise EqatInputError(f"--keep-best-by must be one of {', '.join(SELECT_BY)}, got '{self.keep_best_by}'.")
         if self.act_dtype not in ACT_DTYPES:
             raise EqatInputError(f"--act-dtype must be bfloat16, float16 or float32, got '{self.act_dtype}'.")
         if self.epochs < 0 or self.batch_size < 1 or self.val_samples < 0:

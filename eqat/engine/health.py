@@ -54,7 +54,8 @@ def run_warnings(model: nn.Module, report: dict[str, Any]) -> list[str]:
         warnings.append(f"{at:,} of {total:,} stored scales ({100 * at / max(total, 1):.2f}%) sit at the clamp limits "
                         f"[{SCALE_MIN:g}, {SCALE_MAX:g}]: the optimizer pushed them out of range (learning rate too "
                         "high?) or their groups are constant (dead rows).")
-    rose = [b for b in report.get("blocks", []) if b["final_loss"] > b["init_loss"]]
+    # a block selected by next-token loss may trade block loss for it (eqat.engine.selection)
+    rose = [b for b in report.get("blocks", []) if b["final_loss"] > b["init_loss"] and b.get("selected_by") != "nll"]
     if rose:
         names = ", ".join(f"{b['block']} ({b['init_loss']:.3g} -> {b['final_loss']:.3g})" for b in rose[:6])
         warnings.append(f"Block-AP raised the held-out loss of {len(rose)} of {len(report['blocks'])} blocks against "

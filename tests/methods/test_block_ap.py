@@ -203,6 +203,28 @@ def test_a_block_never_ends_worse_than_its_start(tmp_path):
     assert block0
 
 
+def test_keep_best_by_nll_scores_each_candidate_through_the_rest_of_the_model(tmp_path):
+    """--keep-best-by nll keeps the candidate with the lowest next-token loss of the held-out windows
+    (the candidate block, then the later blocks in full precision and the head); block losses are
+    still recorded for each candidate, and the last block's score is the quantized model's own NLL."""
+    model, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, keep_best_by="nll"))
+    for r in records:
+        assert r.selected_by == "nll" and len(r.heldout_nll) == len(r.heldout_losses) == 1 + 3
+        assert r.heldout_nll[r.kept_epoch] == min(r.heldout_nll)
+        assert r.final_loss == r.heldout_losses[r.kept_epoch]
+        assert all(0 < v < 10 for v in r.heldout_nll)  # nats over a 320-token vocabulary: ln 320 = 5.8
+    ids = calib()[8:]  # the 4 held-out windows of 12
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert records[-1].heldout_nll[records[-1].kept_epoch] == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_keep_best_by_must_be_known(tmp_path):
+    with pytest.raises(EqatInputError, match="--keep-best-by"):
+        BlockAPTrainer(tiny_model(), SCHEME, cfg(keep_best_by="ppl"), tmp_path / "x")
+
+
 def test_keep_last_packs_the_last_state(tmp_path):
     _, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, keep_best=False))
     assert all(r.kept_epoch == 3 and r.heldout_losses == [] for r in records)
