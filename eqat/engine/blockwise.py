@@ -145,6 +145,8 @@ class BlockwiseEngine:
         self.records: list[BlockRecord] = []
         self._calib: torch.Tensor | None = None  # token ids of the run, for --keep-best-by nll
         self._scorer: HeldoutNLL | None = None
+        if config.keep_best and config.keep_best_by == "nll":
+            self._final_norm_and_head()  # refuse before any work, not after block 0 trained
 
     # ---- inputs of block 0 -------------------------------------------------------------
     @torch.no_grad()
@@ -378,13 +380,17 @@ class BlockwiseEngine:
     def _nll(self, i: int, block: nn.Module, xs: ActivationStream, rows: range, kw) -> float:
         """--keep-best-by nll: the next-token loss of windows `rows` with `block` as block i."""
         if self._scorer is None:
-            spec = arch_for(self.model)
-            norm, head = get_submodule(self.model, spec.final_norm), get_submodule(self.model, spec.lm_head)
-            if norm is None or head is None:
-                raise EqatInputError(f"--keep-best-by nll needs the final norm '{spec.final_norm}' and the LM head "
-                                     f"'{spec.lm_head}', which this model lacks; use --keep-best-by loss.")
+            norm, head = self._final_norm_and_head()
             self._scorer = HeldoutNLL(self.blocks, norm, head, self._calib, kw, self.device, self.config.batch_size)
         return self._scorer(i, block, xs, rows)
+
+    def _final_norm_and_head(self) -> tuple[nn.Module, nn.Module]:
+        spec = arch_for(self.model)
+        norm, head = get_submodule(self.model, spec.final_norm), get_submodule(self.model, spec.lm_head)
+        if norm is None or head is None:
+            raise EqatInputError(f"--keep-best-by nll needs the final norm '{spec.final_norm}' and the LM head "
+                                 f"'{spec.lm_head}', which this model lacks; use --keep-best-by loss.")
+        return norm, head
 
     def _packed(self, block: nn.Module) -> nn.Module:
         """A packed copy of the block being trained (the block itself is left as it is)."""

@@ -50,23 +50,25 @@ class Best:
 class HeldoutNLL:
     """Mean next-token NLL (nats) of the windows `ids[rows]` (`ids`: LongTensor [n, T], the whole
     calibration set) with a candidate for block `i` fed `xs[rows]` (its quantized-stream inputs,
-    [n, T, hidden]) and followed by
-    `rest[i+1:]`, `norm` and `head` in full precision. Blocks after `i` are moved to `device` one at
-    a time and back, so only one extra block is on the device at once."""
+    [n, T, hidden]) and followed by `rest[i+1:]`, `norm` and `head` in full precision. Blocks after
+    `i` are moved to `device` one at a time and back, so only one extra block is on it at once.
+    The model's own logit post-processing (e.g. soft-capping) is not applied."""
 
     def __init__(self, rest: Sequence[nn.Module], norm: nn.Module, head: nn.Module, ids: torch.Tensor,
                  kwargs: dict[str, Any], device: torch.device, batch_size: int) -> None:
         self.rest, self.norm, self.head, self.ids = rest, norm, head, ids
         self.kwargs, self.device, self.batch_size = kwargs, device, batch_size
 
+    def _batched(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run_block(block, h[s : s + self.batch_size], self.kwargs)
+                          for s in range(0, h.shape[0], self.batch_size)])
+
     @torch.no_grad()
     def __call__(self, i: int, block: nn.Module, xs, rows: range) -> float:
-        h = torch.cat([run_block(block, xs[s : min(s + self.batch_size, rows.stop)].to(self.device, torch.float32),
-                                 self.kwargs) for s in range(rows.start, rows.stop, self.batch_size)])
+        h = self._batched(block, xs[rows.start : rows.stop].to(self.device, torch.float32))
         for later in self.rest[i + 1 :]:
             later.to(self.device)
-            h = torch.cat([run_block(later, h[s : s + self.batch_size], self.kwargs)
-                           for s in range(0, h.shape[0], self.batch_size)])
+            h = self._batched(later, h)
             if self.device.type != "cpu":
                 later.to("cpu")
         self.norm.to(self.device), self.head.to(self.device)

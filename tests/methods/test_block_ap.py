@@ -220,6 +220,13 @@ def test_keep_best_by_nll_scores_each_candidate_through_the_rest_of_the_model(tm
     assert records[-1].heldout_nll[records[-1].kept_epoch] == pytest.approx(float(nll), rel=1e-4)
 
 
+def test_keep_best_by_nll_without_a_head_is_refused_before_training(tmp_path):
+    model = tiny_model()
+    model.lm_head = None
+    with pytest.raises(EqatInputError, match="--keep-best-by nll needs the final norm"):
+        BlockAPTrainer(model, SCHEME, cfg(keep_best_by="nll"), tmp_path / "x")
+
+
 def test_keep_best_by_must_be_known(tmp_path):
     with pytest.raises(EqatInputError, match="--keep-best-by"):
         BlockAPTrainer(tiny_model(), SCHEME, cfg(keep_best_by="ppl"), tmp_path / "x")
