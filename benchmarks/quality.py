@@ -5,7 +5,9 @@ autoround-defaults (Intel AutoRound, `scripts/install_autoround.sh`, run by
 benchmarks/autoround_run.py with --autoround-python in its own process), block-ap (eqat),
 block-ap+e2e (eqat Block-AP, then E2E-QP through `eqat train-e2e` in its own process, with
 full-precision AdamW fine-tuning of the same model measured beside it for memory,
-benchmarks/fp_finetune_memory.py). GPTQ, autoround and Block-AP get the same calibration windows
+benchmarks/fp_finetune_memory.py), and eqat[CONFIG] (the command a user runs, `eqat quantize --config
+configs/CONFIG.yaml --scheme S --no-eval`, in its own process; its time is that process's wall
+clock, its calibration is the config's). GPTQ, autoround and Block-AP get the same calibration windows
 (C4 sample, --nsamples x --calib-seqlen, --seed); autoround tunes each block for
 --autoround-iters steps (AutoRound's default 200), asymmetric like eqat's schemes.
 autoround-defaults keeps AutoRound's own nsamples x seqlen (128 x 2048) and iters (200), on C4
@@ -16,6 +18,7 @@ benchmarks/results/<name>.json (a row is replaced when the same method and schem
 with the same settings), and the markdown table <name>.md is rewritten. Run:
 
     python benchmarks/quality.py --methods fp,rtn,gptq,block-ap --schemes w2g64,w3g64,w4g64 --max-windows 16
+    python benchmarks/quality.py --methods 'eqat[w2-quality]' --schemes w2g64,w3g64,w4g64 --max-windows 40
     scripts/install_autoround.sh && python benchmarks/quality.py --methods autoround,autoround-defaults
 """
 
@@ -205,6 +208,30 @@ def run_block_ap_e2e(model_path: Path, scheme: QuantScheme, calib: torch.Tensor,
     }
 
 
+def run_eqat_config(model_path: Path, scheme: QuantScheme, config: str, workdir: Path) -> tuple[torch.nn.Module, dict]:
+    """`eqat quantize --config configs/<config>.yaml --scheme S --no-eval` in its own process, reused
+    when a finished run is in the work folder (its wall seconds are kept beside it)."""
+    config_path = Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml"
+    if not config_path.is_file():
+        raise SystemExit(f"eqat[{config}]: no such preset {config_path}; choose one of configs/*.yaml")
+    out = workdir / f"eqat-{config}-{scheme.name}-{model_path.name}"
+    timing = out / "bench_seconds.json"
+    if not (is_eqat_checkpoint(out) and timing.is_file()):
+        cmd = [sys.executable, "-m", "eqat", "quantize", "--config", str(config_path), "--model", str(model_path),
+               "--scheme", scheme.name, "--out", str(out), "--no-eval", "--force", "--json", "-q"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        report = json.loads(proc.stdout)
+        write_json(timing, {"process_seconds": time.perf_counter() - t,
+                            "process_peak_rss_bytes": report.get("process_peak_rss_bytes")})
+    model, _, _ = load_quantized(out)
+    seconds = json.loads(timing.read_text())
+    return model, {"method_seconds": seconds["process_seconds"], "config": config_path.read_text(),
+                   "process_peak_rss_bytes": seconds["process_peak_rss_bytes"], "checkpoint": str(out)}
+
+
 def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib: torch.Tensor,
                config: BlockAPConfig, workdir: Path, autoround_python: str | None = None,
                autoround_iters: int = AUTOROUND_DEFAULTS["iters"]) -> tuple[torch.nn.Module, dict]:
@@ -212,6 +239,8 @@ def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib:
         return run_block_ap(model_path, scheme, calib, config, workdir)
     if method == "block-ap+e2e":
         return run_block_ap_e2e(model_path, scheme, calib, config, workdir)
+    if method.startswith("eqat[") and method.endswith("]"):
+        return run_eqat_config(model_path, scheme, method[5:-1], workdir)
     if method == "gptq":
         return run_gptq(model_path, scheme, calib, workdir)
     if method in ("autoround", "autoround-defaults"):
@@ -237,7 +266,9 @@ def merge_row(path: Path, settings: dict, row: dict) -> dict:
         same_eval = all(old.get(k) == settings[k] for k in ("model", "seqlen", "max_windows", "eval_data"))
         results["rows"] = [r for r in results["rows"] if same_eval and r["method"] in ("fp", "rtn")]
     results["rows"] = [r for r in results["rows"] if (r["method"], r["scheme"]) != (row["method"], row["scheme"])]
-    results["rows"].append(row)
+    for r in results["rows"]:  # rows from before each row carried its own machine
+        r.setdefault("environment", results.get("environment"))
+    results["rows"].append({**row, "environment": environment()})
     results.update(settings=settings, environment=environment())
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
@@ -252,10 +283,10 @@ def markdown(name: str, results: dict) -> str:
     md = [f"# Quality: {Path(s['model']).name}, WikiText-2 test, first {s['max_windows']} windows x {s['seqlen']} tokens",
           "", f"Calibration for {calibrated}: {s['calib']['data']}, {s['calib']['nsamples']} x "
           f"{s['calib']['seqlen']} tokens, seed {s['calib']['seed']}.", "",
-          "| method | scheme | perplexity | gap to fp | method time (s) |", "|---|---|---|---|---|"]
+          "| method | scheme | perplexity | gap to fp | method time (s) | machine |", "|---|---|---|---|---|---|"]
     order = {"fp": 0, "rtn": 1, "gptq": 2, "autoround": 2.3, "autoround-defaults": 2.6, "block-ap": 3,
              "block-ap+e2e": 4, "block-ap[relative]": 5}
-    rank = lambda m: order.get(m, order["autoround"] if m.startswith("autoround[") else 9)  # noqa: E731
+    rank = lambda m: order.get(m, order["autoround"] if m.startswith("autoround[") else 6 if m.startswith("eqat[") else 9)  # noqa: E731
     if ar_rows:
         notes = sorted({f"{r['method']}: auto-round {r['autoround']['auto_round_version']}, "
                         f"{r['autoround']['settings']['nsamples']} x {r['autoround']['settings']['seqlen']} tokens, "
@@ -265,9 +296,13 @@ def markdown(name: str, results: dict) -> str:
                "as AutoRound's default data set (NeelNanda/pile-10k) needs the Hub."
                if any(r["method"] == "autoround-defaults" for r in ar_rows) else "")
         md[4:4] = ["AutoRound (asymmetric, float32 weights dequantized by AutoRound): " + "; ".join(notes) + "." + hub, ""]
+    if any(r["method"].startswith("eqat[") for r in results["rows"]):
+        md[4:4] = ["eqat[CONFIG]: `eqat quantize --config configs/CONFIG.yaml --scheme S --no-eval` (calibration, "
+                   "budget and phases from the config); its time is the process's wall clock, loading included.", ""]
     for r in sorted(results["rows"], key=lambda r: (r["scheme"], rank(r["method"]))):
         gap = "-" if fp is None or r["method"] == "fp" else f"{r['ppl'] - fp:.2f}"
-        md.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.1f} |")
+        cpu = (r.get("environment") or {}).get("cpu", "not recorded")
+        md.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.1f} | {cpu} |")
     e2e_rows = [r for r in results["rows"] if "e2e_qp" in r]
     if e2e_rows:
         md += ["", "E2E-QP phase (own process) against full-precision AdamW fine-tuning of the same model "
