@@ -11,7 +11,7 @@ from eqat.engine.selection import SELECT_BY
 from eqat.engine.streams import OFFLOADS
 from eqat.errors import EqatInputError
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "linear")
 ACT_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -61,7 +61,7 @@ class EndToEndConfig:
     max_steps: int | None = option(None, "Optimizer steps (overrides the epochs).", param="e2e_steps")
     batch_size: int = option(2, "Sequences per forward pass.")
     grad_accum: int = option(2, "Forward passes per optimizer step.")
-    schedule: str = option("cosine", "Learning-rate schedule after warm-up: cosine or constant.")
+    schedule: str = option("cosine", "Learning-rate schedule after warm-up: cosine, constant or linear (to zero).")
     warmup_ratio: float = option(0.03, "Warm-up as a fraction of the steps.", param="e2e_warmup")
     weight_decay: float = option(0.0, cli=False)
     max_grad_norm: float = option(0.3, "Gradient-norm clip (0 = none).")

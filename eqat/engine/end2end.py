@@ -65,6 +65,8 @@ def lr_lambda(total: int, warmup: int, schedule: str):
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "linear":  # to zero at the last step (LR-QAT's paper)
+            return max(0.0, (total - step) / max(total - warmup, 1))
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
     return f
@@ -120,12 +122,13 @@ class EndToEndEngine:
                  device: str | torch.device = "cpu", fingerprint: dict[str, Any] | None = None,
                  progress: bool = True) -> None:
         config.check()
-        if not quantized_modules(model):
+        qmods = quantized_modules(model).values()
+        if not qmods and not method.from_full_precision:
             raise EqatInputError(f"the model has no quantized linears; {method.name} trains an eqat checkpoint "
                                  "(run `eqat quantize` first).")
         self.model, self.method, self.config, self.state_dir = model, method, config, Path(state_dir)
-        qmods = quantized_modules(model).values()
-        self.scheme_name = dominant([m.scheme for m in qmods], [m.in_features * m.out_features for m in qmods]).name
+        self.scheme_name = (dominant([m.scheme for m in qmods], [m.in_features * m.out_features for m in qmods]).name
+                            if qmods else method.schemes.name)
         self.device, self.progress = torch.device(device), progress
         self.fingerprint = fingerprint if fingerprint is not None else fingerprint_of(config)
         self.autocast = self.device.type == "cuda"

@@ -108,7 +108,7 @@ def test_model_without_quantized_linears_is_refused(tmp_path):
         E2EQPTrainer(tiny_model(), cfg(), tmp_path / "s")
 
 
-@pytest.mark.parametrize("bad", [dict(nsamples=3), dict(schedule="linear"), dict(grad_accum=0), dict(warmup_ratio=1.5)])
+@pytest.mark.parametrize("bad", [dict(nsamples=3), dict(schedule="step"), dict(grad_accum=0), dict(warmup_ratio=1.5)])
 def test_bad_options(tmp_path, bad):
     with pytest.raises(EqatInputError):
         E2EQPTrainer(qmodel(), cfg(**bad), tmp_path / "s")
@@ -118,6 +118,8 @@ def test_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda(100, 3, "cosine")
     assert [round(f(i), 3) for i in range(3)] == [0.333, 0.667, 1.0]
     assert f(3) == 1.0 and f(50) < 0.6 and f(99) < 0.01
+    lin = lr_lambda(10, 2, "linear")  # LR-QAT's: warm-up, then straight down to zero
+    assert [lin(i) for i in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
 
 
 def test_scales_stay_positive_under_a_huge_learning_rate(tmp_path):
