@@ -35,13 +35,10 @@ from eqat.methods.distill import LOSSES, TEACHER_LOGITS, cached_teacher_topk, kd
 
 
 @dataclass
-class E2EQPConfig(EndToEndConfig):
-    """Paper: lr 2e-5 at 2 bits / 1e-5 at 3-4 bits for 128 steps of 32 x 4096 tokens; eqat's
-    defaults are sized for a CPU run on a small model (docs/e2e-qp.md)."""
+class DistillOptions:
+    """What an end-to-end method trains on: next-token loss, or distilled from the full-precision
+    model (E2E-QP and LR-QAT share these, and their `--e2e-*` flags)."""
 
-    lr: float | None = option(None, "Learning rate of the scales; default 1e-3 at 2 bits, 5e-4 at 3/4/8 "
-                                    "(docs/e2e-qp.md).")
-    train_zeros: bool = option(False, "Also train the zero-points (kept on the integer grid).")
     loss: str = option("nll", "Training loss: nll (next token, the paper), kd (KL from the full-precision teacher's "
                               "logits), mix (kd-weight x kd + the rest x nll); docs/e2e-qp.md.")
     kd_weight: float = option(0.5, "For --e2e-loss mix: the weight of the KL term (0-1).")
@@ -55,14 +52,7 @@ class E2EQPConfig(EndToEndConfig):
     def distills(self) -> bool:
         return self.loss != "nll"
 
-    def lr_for(self, bits: int) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-3 if bits <= 2 else 5e-4
-
-    def check(self) -> None:
-        super().check()
-        check_lr("--e2e-lr", self.lr, "docs/e2e-qp.md")
+    def check_distill(self) -> None:
         if self.loss not in LOSSES:
             raise EqatInputError(f"--e2e-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
         if self.teacher_logits not in TEACHER_LOGITS:
@@ -73,6 +63,26 @@ class E2EQPConfig(EndToEndConfig):
             raise EqatInputError(f"--e2e-kd-temperature must be a positive number, got {self.kd_temperature}.")
         if self.kd_topk < 1:
             raise EqatInputError(f"--e2e-kd-topk must be at least 1, got {self.kd_topk}.")
+
+
+@dataclass
+class E2EQPConfig(EndToEndConfig, DistillOptions):
+    """Paper: lr 2e-5 at 2 bits / 1e-5 at 3-4 bits for 128 steps of 32 x 4096 tokens; eqat's
+    defaults are sized for a CPU run on a small model (docs/e2e-qp.md)."""
+
+    lr: float | None = option(None, "Learning rate of the scales; default 1e-3 at 2 bits, 5e-4 at 3/4/8 "
+                                    "(docs/e2e-qp.md).")
+    train_zeros: bool = option(False, "Also train the zero-points (kept on the integer grid).")
+
+    def lr_for(self, bits: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if bits <= 2 else 5e-4
+
+    def check(self) -> None:
+        super().check()
+        check_lr("--e2e-lr", self.lr, "docs/e2e-qp.md")
+        self.check_distill()
 
 
 @register_method
