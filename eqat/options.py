@@ -52,8 +52,9 @@ class CalibOptions:
 class QuantizeOptions:
     model: str | None = option(None, "Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct.",
                                flags=("--model", "-m"), result=False)  # the fingerprint holds the resolved path
-    method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method, then any "
-                                       "end-to-end ones (block-ap+e2e-qp, block-ap, rtn, rtn+e2e-qp).", result=False)
+    method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method (or lr-qat, "
+                                       "which starts from full precision), then any end-to-end ones (block-ap+e2e-qp, "
+                                       "block-ap, rtn, rtn+e2e-qp, lr-qat, lr-qat-block+lr-qat).", result=False)
     scheme: QuantScheme = option(factory=QuantScheme, cli=False)
     override: list[str] = option(factory=list, help=f"Give matching modules their own scheme: {OVERRIDE_HELP}. Repeat "
                                  "the flag for more; the last match wins (docs/mixed-precision.md).")

@@ -31,7 +31,7 @@ from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, modules_of_mo
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
 from eqat.io.report import environment, write_json
-from eqat.methods.base import BLOCKWISE, DATA_FREE, Method, report_key
+from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method, report_key
 from eqat.models.loading import load_model, model_size_bytes
 from eqat.options import RESUME, CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions  # noqa: F401  (CalibOptions: re-exported)
 from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
@@ -145,15 +145,20 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     model, tokenizer = load_model(model_path)
     linears = quantizable_linears(model)
     start = start_schemes(opts, linears)  # --scheme, --override, --avg-bits checked on the real layers
+    shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
+    possible = sorted({start(n) for n in linears} | set(opts.promote_levels() if opts.avg_bits is not None else []),
+                      key=lambda s: s.name)
+    for m in plan:
+        m.check_layers(shapes, possible, opts.config_for(m))
     cov = coverage(model, linears)
     check_coverage(cov, opts.allow_unquantized)  # before any training or writing
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None
-    first, later = plan[0], plan[1:]
+    first = plan[0]
     calib = None
     if first.phase == BLOCKWISE:
         c, val = opts.calib, opts.config_for(first).val_samples
         calib = calibration_windows(tokenizer, c.data, c.nsamples + val, c.seqlen, c.seed)
-    data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in later]
+    data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in plan if m.phase == END_TO_END]
     resuming = _prepare_output(out, any(m.phase != DATA_FREE for m in plan), opts.force)
     report: dict[str, Any] = {"command": "quantize", "options": opts.to_dict(), "model_path": str(model_path),
                               "output": str(out), "environment": environment(), "fp_size_bytes": model_size_bytes(model),
@@ -202,24 +207,29 @@ def _run_plan(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
               device: str, calib: torch.Tensor | None, data: list, report: dict[str, Any],
               schemes: LayerSchemes) -> dict[str, float]:
     """Every phase of `plan` on `model`, in place; the report gets each phase's section and time.
-    Returns the relative weight error per layer of the first phase."""
-    first, later = plan[0], plan[1:]
+    Returns the relative weight error per layer of the first phase (none when it is end to end:
+    such a method drops the full-precision weights, and keeping a copy would cost what it saves)."""
+    first = plan[0]
     t_q = time.perf_counter()
     cfg = opts.config_for(first)
+    errors: dict[str, float] = {}
     if first.phase == DATA_FREE:
         errors = run_data_free(model, first, cfg, schemes, storage, opts.progress)
-    else:
+    elif first.phase == BLOCKWISE:
         fp = opts.fingerprint(model_path, [first])
         errors = run_blockwise(model, first, cfg, schemes, out / RESUME, device, fp, calib, report, opts.progress)
         report[report_key(first.name)]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
                                                                "tokens": int(calib.numel())}
+    else:  # an end-to-end method that quantizes the full-precision model itself (lr-qat)
+        first.schemes, first.storage_dtype = schemes, storage
     report["quantize_seconds"] = time.perf_counter() - t_q
     t_e = time.perf_counter()
-    for k, (m, d) in enumerate(zip(later, data)):
-        fp = opts.fingerprint(model_path, plan[: k + 2])
+    e2e = [m for m in plan if m.phase == END_TO_END]
+    for k, (m, d) in enumerate(zip(e2e, data)):
+        fp = opts.fingerprint(model_path, plan[: plan.index(m) + 1])
         report[report_key(m.name)] = run_end_to_end(model, m, opts.config_for(m), d, out / RESUME / _e2e_dir(k),
                                                           device, fp, opts.progress)
-    if later:
+    if e2e:
         report["e2e_seconds"] = time.perf_counter() - t_e
     return errors
 
@@ -278,6 +288,10 @@ def _train_e2e(opts: TrainE2EOptions, plan: list[Method], src: Path, meta: dict,
 
     t0, ev = time.perf_counter(), opts.eval
     model, tokenizer, _ = load_quantized(src)
+    qmods = quantized_modules(model)
+    for m in plan:
+        m.check_layers({n: (q.out_features, q.in_features) for n, q in qmods.items()},
+                       sorted({q.scheme for q in qmods.values()}, key=lambda s: s.name), opts.config_for(m))
     data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in plan]
     ids = eval_token_ids(tokenizer, ev.data) if opts.evaluate else None
     resuming = _prepare_output(out, True, opts.force)

@@ -339,7 +339,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_pat
 
 def test_method_plans_are_checked_before_any_work(cli, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
-    for plan, why in [("gptq", "unknown method 'gptq'; registered: block-ap, e2e-qp, rtn"),
+    for plan, why in [("gptq", "unknown method 'gptq'; registered: block-ap, e2e-qp, lr-qat, lr-qat-block, rtn"),
+                      ("lr-qat-block+block-ap", "only end-to-end methods may follow lr-qat-block, not block-ap"),
                       ("e2e-qp", "a data-free or block-wise method must come first"),
                       ("rtn+block-ap", "only end-to-end methods may follow rtn, not block-ap"),
                       ("block-ap+", "is not a plan")]:
@@ -348,6 +349,10 @@ def test_method_plans_are_checked_before_any_work(cli, tiny_model_dir, tmp_path)
         assert not (tmp_path / "o").exists()
     code, _, err = cli("train-e2e", str(model), "--method", "block-ap", "-q")
     assert code == 2
+    code, _, err = cli("quantize", "--model", str(model), "--method", "lr-qat", "--skip-e2e", "--out",
+                       str(tmp_path / "o"), "-q")
+    assert code == 2 and "--skip-e2e would drop every phase" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_help_and_info_list_the_registered_methods(cli):

@@ -56,6 +56,10 @@ class Method:
     label: ClassVar[str] = ""  # how messages and progress bars name it ("Block-AP"); default: name
     cli_prefix: ClassVar[str] = ""  # of the flags of the config's own fields (those beyond the engine's)
 
+    def check_layers(self, shapes: dict[str, tuple[int, int]], schemes: list[Any], cfg: Any) -> None:
+        """Before any work or write: refuse (EqatInputError) layers the method cannot train.
+        shapes: name -> (out, in) of every layer it will see; schemes: every scheme a layer may get."""
+
     def describe(self, cfg: Any, scheme: SchemeLike) -> dict[str, Any]:
         """Extra facts for the method's report section (e.g. the learning rates it chose)."""
         return {}
@@ -88,6 +92,9 @@ class BlockwiseMethod(Method):
 
 class EndToEndMethod(Method):
     phase = END_TO_END
+    # True: the method may start a plan from the full-precision model (LR-QAT wraps each nn.Linear
+    # itself); the pipeline then sets `schemes` (a LayerSchemes) and `storage_dtype` on the instance
+    from_full_precision: ClassVar[bool] = False
 
     def prepare_model(self, model: nn.Module, cfg: Any) -> list[ParamGroup]:
         """Make the trained parameters trainable (everything else frozen); the groups to train."""
@@ -162,16 +169,19 @@ def get_method(name: str) -> Method:
 
 def parse_plan(plan: str, skip_end_to_end: bool = False) -> list[Method]:
     """`block-ap+e2e-qp` -> [BlockAP, E2EQP]. A plan is one data-free or block-wise method (it makes
-    the packed model) followed by any end-to-end methods; `skip_end_to_end` drops the latter."""
+    the packed model), or an end-to-end one that starts from full precision (`from_full_precision`:
+    lr-qat), followed by any end-to-end methods; `skip_end_to_end` drops the later ones."""
     names = [p.strip() for p in plan.split("+")]
     if not plan.strip() or any(not n for n in names):
         raise EqatInputError(f"--method '{plan}' is not a plan; e.g. block-ap+e2e-qp, block-ap or rtn.")
     methods = [get_method(n) for n in names]
-    if methods[0].phase == END_TO_END:
+    if methods[0].phase == END_TO_END and not methods[0].from_full_precision:
         raise EqatInputError(f"--method '{plan}': {methods[0].name} trains a quantized model, so a data-free or "
                              f"block-wise method must come first (e.g. block-ap+{methods[0].name}); to train an "
                              "existing checkpoint use `eqat train-e2e`.")
     later = [m.name for m in methods[1:] if m.phase != END_TO_END]
+    if methods[0].phase == END_TO_END and skip_end_to_end:
+        raise EqatInputError(f"--skip-e2e would drop every phase of --method '{plan}': {methods[0].name} is end to end.")
     if later:
         raise EqatInputError(f"--method '{plan}': only end-to-end methods may follow {methods[0].name}, not "
                              f"{', '.join(later)}.")

@@ -5,7 +5,7 @@ runtimes installed here, agreeing with eqat's forward. A method in the making (t
 tests/methods/toy_scales_only.py) runs the same matrix.
 
 Each method runs in the plan that exercises it: a data-free or block-wise method alone, an
-end-to-end method after RTN.
+end-to-end method after RTN, or alone when it starts from full precision (lr-qat).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def methods():
 
 
 def plan_for(method) -> str:
-    return f"rtn+{method.name}" if method.phase == "end-to-end" else method.name
+    if method.phase == "end-to-end" and not method.from_full_precision:
+        return f"rtn+{method.name}"
+    return method.name
 
 
 def interrupt(monkeypatch, method):
@@ -57,14 +59,14 @@ def interrupt(monkeypatch, method):
         monkeypatch.setattr(eqat.pipeline, "run_data_free", killed)
 
 
-@pytest.mark.parametrize("name", ["rtn", "block-ap", "e2e-qp", "toy-scales-only"])
+@pytest.mark.parametrize("name", ["rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "toy-scales-only"])
 def test_every_method_conforms(name, methods, cli, tiny_model_dir, tmp_path, monkeypatch):
     from eqat.exporters import export_checkpoint
     from eqat.exporters.base import checkpoint_formats
     from eqat.methods.base import plan_help
     from eqat.validate import validate
 
-    assert set(methods) >= {"rtn", "block-ap", "e2e-qp", "toy-scales-only"}
+    assert set(methods) >= {"rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "toy-scales-only"}
     method = methods[name]
     assert name in plan_help()  # what `quantize --help` and `eqat info` list
     model = tiny_model_dir("llama")
