@@ -148,11 +148,12 @@ class LowRankQuantFn(torch.autograd.Function):
         gx = (gy.float() @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
         gw = gy.reshape(-1, gy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # [N, K]
         gscale = _grouped(gw * qz, g).sum(-1) if ctx.needs_input_grad[4] else None
-        gv = gw * _expand(s, g) * inside  # through round (STE) and the clamp of q
+        gws = gw * _expand(s, g)
+        gv = gws * inside  # through round (STE) and the clamp of q
         ga = c * (gv @ b.float().T) if ctx.needs_input_grad[2] else None
         gb = c * (a.float().T @ gv) if ctx.needs_input_grad[3] else None
         # z enters as s * (clamp(round(V) - z0 + z) - z): d/dz = s * (inside - 1), z rounded by STE
-        gzero = _grouped(gw * _expand(s, g) * (inside.float() - 1), g).sum(-1) if ctx.needs_input_grad[5] else None
+        gzero = _grouped(gws * (inside.float() - 1), g).sum(-1) if ctx.needs_input_grad[5] else None
         gbias = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[7] else None
         return gx, None, ga, gb, gscale, gzero, None, gbias, None, None, None
 

@@ -59,7 +59,7 @@ class LowRankOptions:
             raise EqatInputError(f"{prefix}rank must be a positive integer, got {self.rank!r}.")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise EqatInputError(f"{prefix}alpha must be a positive number, got {self.alpha!r}.")
-        check_phi0(self.phi0, 2)
+        check_phi0(self.phi0, 2)  # the storage name; against each layer's bits in check_shapes
         if self.init not in INITS:
             raise EqatInputError(f"{prefix}init must be one of {', '.join(INITS)}, got '{self.init}'.")
         check_lr(f"{prefix}lr", self.lr, "docs/lr-qat.md")
@@ -90,11 +90,9 @@ def wrap_linears(model: nn.Module, linears: dict[str, nn.Module], schemes, opts:
         if isinstance(lin, nn.Linear):
             scheme = schemes(name)
             scheme.check_layer(name, lin.in_features)
-            check_phi0(opts.phi0, scheme.bits)
             layer = LowRankQuantLinear.from_linear(lin, scheme, opts.init, **kw)
             device = lin.weight.device
         else:
-            check_phi0(opts.phi0, lin.scheme.bits)
             layer = LowRankQuantLinear.from_quant_linear(lin, **{**kw, "storage": lin.scales.dtype})
             device = lin.qweight.device
         wrapped[name] = layer.to(device)
@@ -128,6 +126,13 @@ def freeze_lowrank(module: nn.Module, dtype: torch.dtype | None = None) -> None:
             replace_module(module, name, m.to_quant_linear(dtype or m.storage or torch.float16))
 
 
+class LowRankChecks:
+    """Both LR-QAT methods refuse, before any work, layers their rank or grid storage cannot hold."""
+
+    def check_layers(self, shapes: dict[str, tuple[int, int]], schemes: list, cfg: LowRankOptions) -> None:
+        cfg.check_shapes(shapes, schemes)
+
+
 @dataclass
 class LRQATConfig(EndToEndConfig, DistillOptions, LowRankOptions):
     """End-to-end LR-QAT: the engine's data and schedule, E2E-QP's losses (nll, kd, mix) and teacher
@@ -140,16 +145,13 @@ class LRQATConfig(EndToEndConfig, DistillOptions, LowRankOptions):
 
 
 @register_method
-class LRQAT(E2EQP):
+class LRQAT(LowRankChecks, E2EQP):
     name = "lr-qat"
     label = "LR-QAT"
     config = LRQATConfig
     cli_prefix = "e2e_"  # the distillation flags are E2E-QP's; the layer's carry their own names
     summary = "LR-QAT: a low-rank adapter inside the rounding and the step sizes, end to end, over a frozen int8 grid"
     from_full_precision = True
-
-    def check_layers(self, shapes: dict[str, tuple[int, int]], schemes: list, cfg: LRQATConfig) -> None:
-        cfg.check_shapes(shapes, schemes)
 
     def prepare_model(self, model: nn.Module, cfg: LRQATConfig) -> list[ParamGroup]:
         for p in model.parameters():
@@ -183,14 +185,11 @@ class LRQATBlockConfig(BlockwiseConfig, LowRankOptions):
 
 
 @register_method
-class LRQATBlock(BlockwiseMethod):
+class LRQATBlock(LowRankChecks, BlockwiseMethod):
     name = "lr-qat-block"
     label = "LR-QAT block"
     config = LRQATBlockConfig
     summary = "LR-QAT block by block: adapters and step sizes of each block trained by reconstruction (MSE)"
-
-    def check_layers(self, shapes: dict[str, tuple[int, int]], schemes: list, cfg: LRQATBlockConfig) -> None:
-        cfg.check_shapes(shapes, schemes)
 
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: LRQATBlockConfig) -> list[ParamGroup]:
         from eqat.core.dtypes import parse_dtype
