@@ -182,6 +182,9 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     report["schemes"] = schemes.to_dict()
     errors = _run_plan(opts, plan, storage, model, model_path, out, device, calib, data, report, schemes)
     report["layer_relative_error"] = errors
+    if not errors and first.phase == END_TO_END:
+        report["layer_relative_error_note"] = (f"not measured: {first.name} drops each full-precision weight as it "
+                                               "wraps the layer (keeping a copy would cost the memory it saves)")
     report["quantized_size_bytes"] = model_size_bytes(model)
     report["bits"] = bits_summary(modules_of_model(quantized_modules(model)))
     check_finite(model, "eqat quantize")
@@ -221,7 +224,7 @@ def _run_plan(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
         report[report_key(first.name)]["calibration"] = {**asdict(opts.calib), "val_samples": cfg.val_samples,
                                                                "tokens": int(calib.numel())}
     else:  # an end-to-end method that quantizes the full-precision model itself (lr-qat)
-        first.schemes, first.storage_dtype = schemes, storage
+        first.start_from_full_precision(schemes, storage)
     report["quantize_seconds"] = time.perf_counter() - t_q
     t_e = time.perf_counter()
     e2e = [m for m in plan if m.phase == END_TO_END]

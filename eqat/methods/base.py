@@ -93,8 +93,13 @@ class BlockwiseMethod(Method):
 class EndToEndMethod(Method):
     phase = END_TO_END
     # True: the method may start a plan from the full-precision model (LR-QAT wraps each nn.Linear
-    # itself); the pipeline then sets `schemes` (a LayerSchemes) and `storage_dtype` on the instance
+    # itself); the pipeline then calls `start_from_full_precision` before the engine runs
     from_full_precision: ClassVar[bool] = False
+
+    def start_from_full_precision(self, schemes: Any, storage: torch.dtype) -> None:
+        """Called by the pipeline when this method starts a plan: `schemes` (a LayerSchemes) gives each
+        full-precision linear its scheme, `storage` the dtype of the finished scales and zero-points."""
+        raise NotImplementedError(f"{self.name} trains a quantized model; it cannot start from full precision")
 
     def prepare_model(self, model: nn.Module, cfg: Any) -> list[ParamGroup]:
         """Make the trained parameters trainable (everything else frozen); the groups to train."""

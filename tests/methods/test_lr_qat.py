@@ -139,6 +139,8 @@ def test_quantize_lr_qat_from_full_precision(cli, tiny_model_dir, tmp_path):
     assert sec["steps"] == 4 and sec["trainable_params"] > 0
     # trainable: A, B (rank 4) and the scales of the 14 linears; nothing else
     assert report["options"]["methods"]["lr-qat"]["rank"] == 4
+    # no weight error from the fp model (lr-qat drops it): said so rather than left blank
+    assert report["layer_relative_error"] == {} and "lr-qat" in report["layer_relative_error_note"]
     from eqat.io.checkpoint import load_quantized, quantized_modules
 
     q, _, meta = load_quantized(out)
@@ -156,6 +158,22 @@ def test_block_then_end_to_end_and_train_e2e(cli, tiny_model_dir, tmp_path):
                        "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-grad-accum", "1", "--lr-qat-rank", "2",
                        "--no-eval", "-q", "--out", str(tmp_path / "t"))
     assert code == 0, err
+
+
+def test_python_api_from_full_precision_needs_the_pipeline(tmp_path):
+    from tests.conftest import tiny_model
+    from eqat.engine.end2end import EndToEndEngine
+    from eqat.errors import EqatInputError
+    from eqat.methods.base import get_method
+
+    lrqat, e2e_qp = get_method("lr-qat"), get_method("e2e-qp")
+    cfg = lrqat.config(nsamples=2, val_samples=0, seqlen=8, batch_size=1, grad_accum=1)
+    with pytest.raises(EqatInputError, match="eqat quantize --method lr-qat"):
+        lrqat.prepare_model(tiny_model(), cfg)  # no schemes given: refused, nothing wrapped
+    with pytest.raises(NotImplementedError, match="e2e-qp"):
+        e2e_qp.start_from_full_precision(None, torch.float16)
+    with pytest.raises(EqatInputError, match="no quantized linears"):
+        EndToEndEngine(tiny_model(), e2e_qp, e2e_qp.config(), tmp_path / "state", progress=False)
 
 
 @pytest.mark.parametrize("flags, needle", [
