@@ -17,6 +17,7 @@ each with and without activation checkpointing (--checkpointing both). The 7B ro
 per-tensor rules to Llama-2-7B's shapes (computed, not run). Run:
 
     python benchmarks/lrqat_memory.py --scheme w4g64 --batch-size 2 --seqlen 256 --steps 3
+    python benchmarks/lrqat_memory.py --device cuda --name lrqat_memory_cuda   # exact peaks, on a GPU
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def setup(variant: str, model, scheme, rank: int):
         return out
     if variant.startswith("lr-qat"):
         method = LRQAT()
-        method.schemes, method.storage_dtype = LayerSchemes(scheme), torch.float16
+        method.start_from_full_precision(LayerSchemes(scheme), torch.float16)
         groups = method.prepare_model(model, LRQATConfig(rank=rank, phi0=variant.split(":")[1]))
     else:
         quantize_rtn(model, scheme)
@@ -89,11 +90,13 @@ def run_one(args) -> dict:
     train, _ = e2e_examples(tok, "c4", args.batch_size * args.steps, 0, args.seqlen, seed=0)
     loaded = rss_bytes()
     trainable = setup(args.variant, model, QuantScheme.parse(args.scheme), args.rank)
+    device = torch.device(args.device)
+    model.to(device)  # on CUDA the peak is torch.cuda.max_memory_allocated: exact, no runtime in it
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     if args.checkpointing:
         _checkpointing(model, True)
         model.train()
-    device, t = torch.device("cpu"), time.perf_counter()
+    t = time.perf_counter()
     with PeakMemory(device) as pm:
         for step in range(args.steps):
             batch = train.rows(slice(step * args.batch_size, (step + 1) * args.batch_size))
@@ -101,7 +104,7 @@ def run_one(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     return {"variant": args.variant, "checkpointing": args.checkpointing, "trainable_params": sum(p.numel() for p in trainable),
-            "seconds_per_step": (time.perf_counter() - t) / args.steps, "rss_runtime_bytes": base, "rss_after_load_bytes": loaded,
+            "seconds_per_step": (time.perf_counter() - t) / args.steps, "rss_runtime_bytes": base if device.type == "cpu" else 0, "rss_after_load_bytes": loaded,
             "rss_before_training_bytes": pm.start_bytes, "peak_rss_bytes": pm.peak_bytes, **accounting(model, trainable)}
 
 
@@ -137,6 +140,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", default="both", choices=["both", "on", "off"])
     ap.add_argument("--variant", default=None, help="run one variant in this process and print its JSON")
     ap.add_argument("--name", default="lrqat_memory")
+    ap.add_argument("--device", default="cpu", help="cpu (peak RSS, sampled) or cuda (peak allocated, exact)")
     args = ap.parse_args()
     if args.variant:
         args.checkpointing = args.checkpointing == "on"
@@ -151,7 +155,7 @@ def main() -> None:
         for ck in ({"both": ["off", "on"]}.get(args.checkpointing) or [args.checkpointing]):
             cmd = [sys.executable, __file__, "--variant", v, "--checkpointing", ck, "--scheme", args.scheme,
                    "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--steps", str(args.steps),
-                   "--rank", str(args.rank)] + (["--model", args.model] if args.model else [])
+                   "--rank", str(args.rank), "--device", args.device] + (["--model", args.model] if args.model else [])
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             row["llama2_7b_total_bytes"] = llama_7b_accounting(v, scheme.bits, scheme.group_size, args.rank)
             rows.append(row)
@@ -159,7 +163,7 @@ def main() -> None:
                   flush=True)
     from eqat.pipeline import resolve_model
 
-    settings = {k: getattr(args, k) for k in ("scheme", "batch_size", "seqlen", "steps", "rank")}
+    settings = {k: getattr(args, k) for k in ("scheme", "batch_size", "seqlen", "steps", "rank", "device")}
     settings["model"] = resolve_model(args.model).name
     write_json(RESULTS / f"{args.name}.json", {"settings": settings, "rows": rows, "environment": environment()})
     (RESULTS / f"{args.name}.md").write_text(markdown(rows, settings))
@@ -171,7 +175,9 @@ def markdown(rows: list[dict], s: dict) -> str:
     qat = {r["checkpointing"]: r for r in rows if r["variant"] == "qat"}
     md = [f"# Training memory, {s['model']}, {s['scheme']}, batch {s['batch_size']} x {s['seqlen']} tokens, "
           f"AdamW, {s['steps']} steps, LR-QAT rank {s['rank']}", "",
-          "Peak RSS includes the torch runtime and the data (the same in every row); the accounting counts what lives "
+          ("Peak: torch.cuda.max_memory_allocated over the steps (exact; no runtime in it)" if s.get("device") == "cuda"
+           else "Peak RSS includes the torch runtime and the data (the same in every row)") +
+          "; the accounting counts what lives "
           "through training: parameters and buffers, gradients, AdamW moments (activations excluded). The 7B column "
           "applies the accounting to Llama-2-7B's shapes.", "",
           "| variant | checkpointing | trainable params | peak RSS GiB | / QAT's | peak over runtime GiB | / QAT's | "
