@@ -6,7 +6,7 @@ the CLI flags, the `--config` keys and the resume fingerprints (`QuantizeOptions
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class QuantizeOptions:
         """The schemes --avg-bits may promote to (EqatInputError for a bad name)."""
         if not self.promote.strip():
             s = self.scheme
-            return [QuantScheme(8, s.group_size, s.symmetric)]
+            return [replace(s, bits=8)]  # keeps the activation quantization
         return [QuantScheme.parse(t) for t in self.promote.split(",") if t.strip()]
 
     def check_mixed(self) -> None:

@@ -31,7 +31,7 @@ from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized, modules_of_mo
 from eqat.io.lock import output_lock
 from eqat.io.outdir import check_output, resolve_out
 from eqat.io.report import environment, write_json
-from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method, report_key
+from eqat.methods.base import BLOCKWISE, DATA_FREE, END_TO_END, Method, check_activations, report_key
 from eqat.models.loading import load_model, model_size_bytes
 from eqat.options import RESUME, CalibOptions, EvalOptions, QuantizeOptions, TrainE2EOptions  # noqa: F401  (CalibOptions: re-exported)
 from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
@@ -149,6 +149,7 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     possible = sorted({start(n) for n in linears} | set(opts.promote_levels() if opts.avg_bits is not None else []),
                       key=lambda s: s.name)
     for m in plan:
+        check_activations(m, possible)
         m.check_layers(shapes, possible, opts.config_for(m))
     cov = coverage(model, linears)
     check_coverage(cov, opts.allow_unquantized)  # before any training or writing
@@ -292,9 +293,10 @@ def _train_e2e(opts: TrainE2EOptions, plan: list[Method], src: Path, meta: dict,
     t0, ev = time.perf_counter(), opts.eval
     model, tokenizer, _ = load_quantized(src)
     qmods = quantized_modules(model)
+    schemes = sorted({q.scheme for q in qmods.values()}, key=lambda s: s.name)
     for m in plan:
-        m.check_layers({n: (q.out_features, q.in_features) for n, q in qmods.items()},
-                       sorted({q.scheme for q in qmods.values()}, key=lambda s: s.name), opts.config_for(m))
+        check_activations(m, schemes)
+        m.check_layers({n: (q.out_features, q.in_features) for n, q in qmods.items()}, schemes, opts.config_for(m))
     data = [e2e_data_for(tokenizer, opts.config_for(m)) for m in plan]
     ids = eval_token_ids(tokenizer, ev.data) if opts.evaluate else None
     resuming = _prepare_output(out, True, opts.force)

@@ -75,7 +75,7 @@ QUANTIZE_FLAGS = _quantize_flags()
 def quantize(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
-    scheme: Optional[str] = typer.Option(None, help="Short scheme name, e.g. w4g64, w2g-1, w4g128sym (overrides --bits/--group-size/--symmetric)."),
+    scheme: Optional[str] = typer.Option(None, help="Short scheme name, e.g. w4g64, w2g-1, w4g128sym; a<bits>[sym] after it quantizes the input activations too, per token (w8g-1a8, docs/checkpoint-format.md). Overrides --bits/--group-size/--symmetric."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(64, help="Input channels per scale/zero-point group; -1 = per output channel."),
     symmetric: bool = typer.Option(False, help="Fix the zero-point at 2^(bits-1) (GPTQ sym=True)."),

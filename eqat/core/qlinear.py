@@ -18,7 +18,7 @@ from torch import nn
 from eqat.kernels import select_backend
 from eqat.kernels.reference import dequantize_packed
 from eqat.core.packing import pack_int32, packed_length, unpack_int32
-from eqat.core.quantizer import init_minmax, quantize_codes, valid_scale, valid_zero
+from eqat.core.quantizer import fake_quantize_tokens, init_minmax, quantize_codes, valid_scale, valid_zero
 from eqat.core.scheme import QuantScheme
 
 
@@ -87,7 +87,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype, on the backend
-        `eqat.kernels.select_backend` picks (EQAT_KERNEL overrides)."""
+        `eqat.kernels.select_backend` picks (EQAT_KERNEL overrides). A scheme with activation
+        quantization fake-quantizes x per token first (`fake_quantize_tokens`)."""
+        if self.scheme.act is not None:
+            x = fake_quantize_tokens(x, self.scheme.act)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.scales, self.zeros, self.bias))
         group = self.scheme.group_size_for(self.in_features)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eqat.core.scheme import QuantScheme
+from eqat.core.scheme import ActScheme, QuantScheme
 
 SCALE_MIN = 2.0**-16
 SCALE_MAX = 2.0**14
@@ -113,6 +113,37 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     g = k // scale.shape[1]
     w = (_grouped(codes.float(), g) - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
     return w.reshape(n, k)
+
+
+def quantize_tokens(x: torch.Tensor, act: ActScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token dynamic quantization of activations x [..., K]: (codes, scale, zero), float32, with
+    scale and zero [..., 1] from each token's own range (which always includes 0).
+
+    Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s), codes in [0, 2^b - 1].
+    Symmetric: s = absmax / (2^(b-1) - 1), z = 0, codes in [-2^(b-1), 2^(b-1) - 1] (int8 GEMM's grid).
+    An all-zero token gets s = SCALE_MIN (its codes are all z, so it stays zero).
+    """
+    xf = x.float()
+    if act.symmetric:
+        qpos = (1 << (act.bits - 1)) - 1
+        scale = (xf.abs().amax(-1, keepdim=True) / qpos).clamp_min(SCALE_MIN)
+        zero = torch.zeros_like(scale)
+        codes = torch.clamp(torch.round(xf / scale), -qpos - 1, qpos)
+    else:
+        qmax = (1 << act.bits) - 1
+        lo, hi = xf.amin(-1, keepdim=True).clamp(max=0), xf.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp_min(SCALE_MIN)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        codes = torch.clamp(torch.round(xf / scale) + zero, 0, qmax)
+    return codes, scale, zero
+
+
+def fake_quantize_tokens(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
+    """x [..., K] quantized per token and dequantized, in x's dtype; the gradient passes straight
+    through (the dynamic range holds every value, so nothing is clipped)."""
+    codes, scale, zero = quantize_tokens(x, act)
+    x_hat = ((codes - zero) * scale).to(x.dtype)
+    return x + (x_hat - x).detach() if x.requires_grad else x_hat
 
 
 class FakeQuantizer(nn.Module):

@@ -65,6 +65,7 @@ class Exporter:
     # (src, converted state, folder, schemes, options): writes the model files in place of safetensors shards
     write_model: Callable[[Path, dict[str, torch.Tensor], Path, LayerSchemes, dict], None] | None = None
     holds_mixed: bool = False  # per-module schemes (mixed precision) in one folder
+    holds_activations: bool = False  # schemes that quantize input activations (w8g-1a8): runs them as such
     # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
     resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
@@ -86,6 +87,12 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
         mixed = [n for n, e in EXPORTERS.items() if e.holds_mixed]
         return (f"{exporter.name} holds one scheme per model and this one mixes {', '.join(s.name for s in groups)}; "
                 f"formats with per-module schemes: {', '.join(mixed)}, or quantize without --override/--avg-bits")
+    act = [s.name for s in groups if s.act is not None]
+    if act and not exporter.holds_activations:
+        able = [n for n, e in EXPORTERS.items() if e.holds_activations]
+        return (f"{exporter.name} holds weight-only models and this one quantizes activations ({act[0]}): exported, it "
+                f"would run with floating-point activations; formats that run them quantized: "
+                f"{', '.join(able) or 'none yet'} (`eqat eval` measures the model itself)")
     for scheme, names in groups.items():
         reason = exporter.why_not(scheme, {n: shapes[n] for n in names}, options)
         if reason:

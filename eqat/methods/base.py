@@ -55,6 +55,9 @@ class Method:
     summary: ClassVar[str] = ""
     label: ClassVar[str] = ""  # how messages and progress bars name it ("Block-AP"); default: name
     cli_prefix: ClassVar[str] = ""  # of the flags of the config's own fields (those beyond the engine's)
+    # True: what it trains (or packs) computes with the scheme's activation quantization (QuantLinear's
+    # forward applies it); False: weight-only, refused for a scheme such as w8g-1a8
+    quantizes_activations: ClassVar[bool] = False
 
     def check_layers(self, shapes: dict[str, tuple[int, int]], schemes: list[Any], cfg: Any) -> None:
         """Before any work or write: refuse (EqatInputError) layers the method cannot train.
@@ -137,6 +140,15 @@ def report_key(name: str) -> str:
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+
+
+def check_activations(method: Method, schemes: list[Any]) -> None:
+    """Refuse (EqatInputError) a weight-only method for schemes that quantize activations."""
+    act = sorted({s.name for s in schemes if getattr(s, "act", None) is not None})
+    if act and not method.quantizes_activations:
+        able = [n for n, c in registered_methods().items() if c.quantizes_activations]
+        raise EqatInputError(f"{method.name} trains weight-only quantization, and the scheme {act[0]} quantizes "
+                             f"activations; methods for weight-activation schemes: {', '.join(able)} (docs/formats.md).")
 
 
 def register_method(cls: type) -> type:

@@ -90,6 +90,7 @@ class E2EQP(EndToEndMethod):
     name = "e2e-qp"
     label = "E2E-QP"
     config = E2EQPConfig
+    quantizes_activations = True  # trains the packed QuantLinears, whose forward quantizes activations
     cli_prefix = "e2e_"
     summary = "EfficientQAT phase 2: the step sizes trained end to end on the frozen packed codes"
 

@@ -154,6 +154,7 @@ class LRQAT(LowRankChecks, E2EQP):
     cli_prefix = "e2e_"  # the distillation flags are E2E-QP's; the layer's carry their own names
     summary = "LR-QAT: a low-rank adapter inside the rounding and the step sizes, end to end, over a frozen int8 grid"
     from_full_precision = True
+    quantizes_activations = False  # its LowRankQuantLinear is weight-only (E2E-QP's is not)
     schemes = None  # set by start_from_full_precision: LayerSchemes of the full-precision linears
     storage_dtype = None
 

@@ -57,6 +57,7 @@ class RTN(DataFreeMethod):
     name = "rtn"
     label = "RTN"
     config = RTNConfig
+    quantizes_activations = True  # the packed QuantLinear applies the scheme's activation quantization
     summary = "round to nearest with min/max scales, no data (seconds; the baseline)"
 
     def quantize(self, model: nn.Module, scheme: QuantScheme, cfg: RTNConfig, dtype: torch.dtype,

@@ -42,3 +42,18 @@ def test_scales_are_frozen_parameters():
 def test_bad_group_rejected():
     with pytest.raises(EqatInputError, match="does not divide"):
         QuantLinear(100, 8, QuantScheme(4, 64))
+
+
+@pytest.mark.parametrize("scheme", ["w8g-1a8", "w4g32a4sym", "w4g-1a6"])
+def test_activation_scheme_quantizes_the_input_then_the_packed_weight(scheme):
+    from eqat.core.quantizer import fake_quantize_tokens
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    s = QuantScheme.parse(scheme)
+    q = QuantLinear.from_linear(lin, s, dtype=torch.float32)
+    x = torch.randn(3, 5, 64)
+    expect = torch.nn.functional.linear(fake_quantize_tokens(x, s.act), q.dequantize(), q.bias)
+    assert torch.allclose(q(x), expect, atol=1e-5)
+    weight_only = QuantLinear.from_linear(lin, QuantScheme(s.bits, s.group_size, s.symmetric), dtype=torch.float32)
+    assert not torch.allclose(q(x), weight_only(x), atol=1e-5)  # the activations were quantized

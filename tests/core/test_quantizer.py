@@ -109,3 +109,31 @@ def test_fake_quant_at_the_storage_dtype_is_the_packed_layer(dtype):
     assert not torch.equal(fake_quantize(w, s, z, scheme), packed.dequantize())
     w_hat.sum().backward()
     assert s.grad is not None and s.grad.abs().sum() > 0  # the cast is straight-through
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_token_fake_quant_is_the_formula(bits, symmetric):
+    from eqat.core.quantizer import fake_quantize_tokens
+    from eqat.core.scheme import ActScheme
+
+    torch.manual_seed(bits)
+    x = torch.randn(2, 7, 48) * torch.rand(2, 7, 1) * 4 + 0.3  # tokens of different ranges
+    x[0, 3] = 0.0  # an all-zero token stays zero
+    act = ActScheme(bits, symmetric)
+    y = fake_quantize_tokens(x, act)
+    for row, out in zip(x.reshape(-1, 48), y.reshape(-1, 48)):  # one token at a time, by hand
+        if symmetric:
+            s = max(row.abs().max().item() / (2 ** (bits - 1) - 1), 2.0**-16)
+            expect = torch.clamp(torch.round(row / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
+        else:
+            lo, hi = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
+            s = max((hi - lo) / (2**bits - 1), 2.0**-16)
+            z = round(-lo / s)
+            expect = (torch.clamp(torch.round(row / s) + z, 0, 2**bits - 1) - z) * s
+        assert torch.allclose(out, expect, atol=1e-6)
+        assert (out - row).abs().max() <= s / 2 + 1e-6  # the range is never clipped
+    assert torch.all(y[0, 3] == 0)
+    xg = x.clone().requires_grad_(True)
+    fake_quantize_tokens(xg, act).sum().backward()
+    assert torch.all(xg.grad == 1)  # straight through

@@ -50,3 +50,32 @@ def test_parse_rejects_garbage_and_newer_versions():
         QuantScheme.parse("int4")
     with pytest.raises(EqatInputError, match="newer"):
         QuantScheme.from_dict({"version": 99, "bits": 4, "group_size": 64})
+
+
+@pytest.mark.parametrize("text", ["w8g-1a8", "w4g64a8sym", "w4g-1syma4", "w8g64a6"])
+def test_activation_schemes_round_trip_and_are_version_2(text):
+    s = QuantScheme.parse(text)
+    assert s.act is not None and s.name == text
+    d = s.to_dict()
+    assert d["version"] == 2 and d["act"] == {"bits": s.act.bits, "granularity": "token", "dynamic": True,
+                                              "symmetric": s.act.symmetric}
+    assert QuantScheme.from_dict(d) == s and QuantScheme.parse(s.name) == s
+
+
+def test_weight_only_schemes_keep_version_1_and_old_dicts_load():
+    assert QuantScheme(4, 64).to_dict() == {"version": 1, "bits": 4, "group_size": 64, "symmetric": False}
+    old = {"version": 1, "bits": 3, "group_size": 64, "symmetric": True}  # as every earlier eqat wrote it
+    assert QuantScheme.from_dict(old) == QuantScheme(3, 64, True) and QuantScheme.from_dict(old).act is None
+
+
+@pytest.mark.parametrize("text, needle", [("w8g-1a5", "activation bits=5"), ("w8g-1a16", "activation bits=16")])
+def test_bad_activation_bits_named(text, needle):
+    with pytest.raises(EqatInputError, match=needle) as e:
+        QuantScheme.parse(text)
+    assert "w8g-1a8" in str(e.value)
+
+
+def test_activation_kinds_this_eqat_cannot_run_are_refused():
+    d = QuantScheme.parse("w8g-1a8").to_dict()
+    with pytest.raises(EqatInputError, match="per-token dynamic"):
+        QuantScheme.from_dict({**d, "act": {**d["act"], "dynamic": False}})
