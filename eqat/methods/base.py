@@ -144,11 +144,11 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 def check_activations(method: Method, schemes: list[Any]) -> None:
     """Refuse (EqatInputError) a weight-only method for schemes that quantize activations."""
-    act = sorted({s.name for s in schemes if getattr(s, "act", None) is not None})
+    act = sorted({s.name for s in schemes if s.act is not None})
     if act and not method.quantizes_activations:
         able = [n for n, c in registered_methods().items() if c.quantizes_activations]
         raise EqatInputError(f"{method.name} trains weight-only quantization, and the scheme {act[0]} quantizes "
-                             f"activations; methods for weight-activation schemes: {', '.join(able)} (docs/formats.md).")
+                             f"activations; methods for weight-activation schemes: {', '.join(able)} (docs/checkpoint-format.md).")
 
 
 def register_method(cls: type) -> type:
