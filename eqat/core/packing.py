@@ -3,10 +3,11 @@
 Layout (the GPTQ stream layout, so exporters repack cheaply): along the last dimension the
 codes form one little-end-first bit stream; code j occupies stream bits [j*b, (j+1)*b), and
 stream bit i is bit (i % 32) of word (i // 32). For b = 2, 4, 8 a word holds 32/b whole codes;
-for b = 3, 32 codes fill exactly 3 words and codes 10 and 21 straddle a word boundary.
+for b = 3, 32 codes fill exactly 3 words and codes 10 and 21 straddle a word boundary; for b = 6,
+16 codes fill 3 words and codes 5 and 10 straddle.
 
 The last dimension is zero-padded to a whole number of "chunks" (the smallest run of codes
-that fills whole words: 16 codes for 2 bits, 32 for 3, 8 for 4, 4 for 8), so any length packs.
+that fills whole words: 16 codes for 2 bits, 32 for 3, 8 for 4, 16 for 6, 4 for 8), so any length packs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from math import gcd
 
 import torch
 
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (2, 3, 4, 6, 8)
 
 
 def _chunk(bits: int) -> tuple[int, int]:
@@ -98,7 +99,7 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     w = words.reshape(*words.shape[:-1], -1, n_words)  # [..., chunks, n_words]
     # int32 right shifts sign-extend; `keep` drops those bits before anything is or-ed in
     v = (w.index_select(-1, word) >> shift) & keep
-    if bits == 3:  # codes 10 and 21 of each chunk take their high bits from the next word
+    if 32 % bits:  # some codes straddle words (3 bits: codes 10, 21; 6 bits: 5, 10) and take high bits from the next
         v = v | ((w.index_select(-1, nxt) << left) * spill)
     codes = (v & ((1 << bits) - 1)).reshape(*w.shape[:-2], -1)
     return codes[..., :length].to(torch.uint8)

@@ -15,7 +15,7 @@ from typing import Any
 
 from eqat.errors import EqatInputError
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 ACT_BITS = (4, 6, 8)
 SCHEME_VERSION = 2  # the newest this eqat reads; weight-only schemes are still written as version 1
 
@@ -57,7 +57,8 @@ class ActScheme:
 class QuantScheme:
     """Uniform weight-only quantization of each Linear, per group of input channels.
 
-    bits: code width, one of 2, 3, 4, 8.
+    bits: code width, one of 2, 3, 4, 6, 8 (6: for W6A6; the torch kernel and eqat's own
+        checkpoint run it, the weight-only exporters other than compressed-tensors refuse it).
     group_size: consecutive input channels that share one scale and zero-point;
         -1 means one group per output channel (per-channel).
     symmetric: if True the zero-point is fixed at 2^(bits-1) (the GPTQ `sym=True`

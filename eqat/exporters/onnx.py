@@ -23,7 +23,8 @@ and per-channel schemes, are written with B the largest such power dividing the 
 and zero-points repeated per block: the same weights). onnxruntime 1.32 refuses 3-bit
 ("Only 2b, 4b and 8b quantization is supported"): 3-bit codes are widened to 4-bit codes (same
 values, same weights, a third more storage), counted in the report as `widened_3_to_4_bit`;
-option `widen_3bit=false` refuses instead.
+option `widen_3bit=false` refuses instead. 6-bit codes are widened to 8-bit codes the same way
+(`widened_6_to_8_bit`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB ceiling, with room for th
 
 
 def onnx_bits(scheme: QuantScheme, options: dict) -> int:
+    """The width MatMulNBits stores: 3-bit codes widened to 4 (with widen_3bit), 6-bit to 8 (always)."""
+    if scheme.bits == 6:
+        return 8
     return 4 if scheme.bits == 3 and options["widen_3bit"] else scheme.bits
 
 
@@ -96,7 +100,8 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
         out["zero_points"] = pack_bytes(zeros, bits).reshape(-1)
     if layer.bias is not None:
         out["bias"] = layer.bias.float()
-    return out, {"widened_3_to_4_bit": 1 if bits != scheme.bits else 0}
+    notes = {"widened_3_to_4_bit": int(scheme.bits == 3 and bits == 4)}
+    return out, notes | ({"widened_6_to_8_bit": 1} if scheme.bits == 6 else {})
 
 
 def unpack_onnx(tensors: dict[str, torch.Tensor], bits: int, k: int
@@ -215,5 +220,5 @@ ONNX = register(Exporter(
     summary="ONNX graph with com.microsoft::MatMulNBits linears (onnxruntime, CPU)",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
     options={"widen_3bit": True}, write_model=write_model, holds_mixed=True,
-    runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit)",
+    runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit, 6-bit to 8-bit)",
 ))

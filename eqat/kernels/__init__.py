@@ -26,7 +26,7 @@ from eqat.kernels.triton_ops import TritonOps, triton_why_not
 
 
 def _torch_why_not(device: torch.device, bits: int, group: int, dtype: torch.dtype) -> str | None:
-    return None if bits in (2, 3, 4, 8) else f"kernel 'torch' serves bits 2/3/4/8, not {bits}"
+    return None if bits in (2, 3, 4, 6, 8) else f"kernel 'torch' serves bits 2/3/4/6/8, not {bits}"
 
 
 def _layer_forward(ops: type) -> Callable[[Any, torch.Tensor], torch.Tensor]:

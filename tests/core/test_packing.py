@@ -7,7 +7,7 @@ from eqat.core.packing import pack_int32, packed_length, unpack_int32
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 5), length=st.integers(1, 200), seed=st.integers(0, 2**31))
+@given(bits=st.sampled_from([2, 3, 4, 6, 8]), rows=st.integers(1, 5), length=st.integers(1, 200), seed=st.integers(0, 2**31))
 def test_unpack_pack_is_identity(bits, rows, length, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, length), generator=g, dtype=torch.int32)
@@ -26,6 +26,19 @@ def test_three_bit_stream_crosses_words():
     codes[21] = 0b101
     words = pack_int32(codes, 3).to(torch.int64) & 0xFFFFFFFF
     assert words.tolist() == [0, 1 << 31, 0b10]
+
+
+def test_six_bit_stream_crosses_words():
+    # 16 codes fill 3 words; code 5 (bits 30-35) and code 10 (bits 60-65) straddle word boundaries
+    codes = torch.zeros(16, dtype=torch.int32)
+    codes[5] = 0b101011
+    words = pack_int32(codes, 6).to(torch.int64) & 0xFFFFFFFF
+    assert words.tolist() == [0b11 << 30, 0b1010, 0]
+    codes = torch.zeros(16, dtype=torch.int32)
+    codes[10] = 0b110001
+    words = pack_int32(codes, 6).to(torch.int64) & 0xFFFFFFFF
+    assert words.tolist() == [0, 0b0001 << 28, 0b11]
+    assert packed_length(576, 6) == 108
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -7,7 +7,7 @@ from eqat.core.quantizer import fake_quantize, init_minmax
 from eqat.core.scheme import QuantScheme
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("group", [16, 48, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_packed_forward_equals_fake_quant_with_stored_scales(bits, group, dtype):

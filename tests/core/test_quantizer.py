@@ -9,7 +9,7 @@ from eqat.core.scheme import QuantScheme
 
 
 @settings(max_examples=50, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([8, 16, 32, -1]), rows=st.integers(1, 6),
+@given(bits=st.sampled_from([2, 3, 4, 6, 8]), group=st.sampled_from([8, 16, 32, -1]), rows=st.integers(1, 6),
        groups=st.integers(1, 4), sym=st.booleans(), seed=st.integers(0, 2**31))
 def test_dequant_matches_formula_and_error_bound(bits, group, rows, groups, sym, seed):
     g = torch.Generator().manual_seed(seed)

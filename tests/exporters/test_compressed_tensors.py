@@ -31,7 +31,7 @@ def _layer(scheme: QuantScheme, n: int, k: int, seed: int = 0, dtype=torch.float
     return QuantizedLayer("l", pack_int32(codes, scheme.bits), scales, zeros, bias, k), codes, zeros, scales
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("length", [32, 37, 576])
 def test_dense_packing_is_the_packages(bits, length):
     """pack_dense == compressed_tensors.pack_to_int32 on the signed values, along either dim."""
@@ -45,7 +45,7 @@ def test_dense_packing_is_the_packages(bits, length):
     assert torch.equal(unpack_dense(ours, bits, length), codes.to(torch.uint8))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("group", [32, -1])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_repacking_is_lossless_and_the_package_decompresses_eqats_weight(bits, group, symmetric):

@@ -33,7 +33,7 @@ def test_block_size_is_the_largest_power_of_two_dividing_the_group():
     assert [block_size(g) for g in (16, 32, 64, 128, 576, 96, 40, 8)] == [16, 32, 64, 128, 64, 32, 0, 0]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("group", [32, -1])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_repacking_is_lossless(bits, group, symmetric):
@@ -46,12 +46,12 @@ def test_repacking_is_lossless(bits, group, symmetric):
     scales = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).half()
     layer = QuantizedLayer("l", pack_int32(codes, bits), scales, zeros, torch.randn(n, generator=g).half(), k)
     t, notes = convert_layer(layer, scheme, WIDEN)
-    stored = 4 if bits == 3 else bits
+    stored = {3: 4, 6: 8}.get(bits, bits)
     block = 32
-    assert notes == {"widened_3_to_4_bit": int(bits == 3)}
+    assert notes == {"widened_3_to_4_bit": int(bits == 3), **({"widened_6_to_8_bit": 1} if bits == 6 else {})}
     assert t["B"].dtype == torch.uint8 and t["B"].shape == (n, k // block, block * stored // 8)
     assert t["scales"].dtype == torch.float32 and t["scales"].shape == (n * k // block,)
-    assert ("zero_points" in t) == (not symmetric or bits == 3)  # widened 3-bit keeps zero-point 4, not 8
+    assert ("zero_points" in t) == (not symmetric or bits in (3, 6))  # widened 3-bit keeps zero-point 4, not 8
     got_codes, got_zeros, got_scales = unpack_onnx(t, stored, k)
     repeat = scheme.group_size_for(k) // block
     assert torch.equal(got_codes, codes)

@@ -26,7 +26,7 @@ def test_unknown_backend_is_named(monkeypatch):
 
 def test_torch_refuses_bits_it_cannot_unpack(monkeypatch):
     monkeypatch.setenv("EQAT_KERNEL", "torch")
-    with pytest.raises(EqatInputError, match="EQAT_KERNEL=torch: kernel 'torch' serves bits 2/3/4/8, not 5"):
+    with pytest.raises(EqatInputError, match="EQAT_KERNEL=torch: kernel 'torch' serves bits 2/3/4/6/8, not 5"):
         select_backend(CPU, 5, 64, torch.float32)
 
 
