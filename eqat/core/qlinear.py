@@ -5,6 +5,8 @@ Storage (eqat's canonical layout, see docs/checkpoint-format.md):
     scales   fp16/bf16 [N, G]                 step size per (row, group)
     zeros    fp16/bf16 [N, G]                 integer-valued zero-point per (row, group)
     bias     [N] (optional)
+    reassembly_index int32 [2, K], reassembly_scale float32 [K]   (optional: QLLM's channel
+             reassembly of the input, eqat.core.reassembly; applied before activation quantization)
 
 `scales` and `zeros` are Parameters with requires_grad=False so E2E-QP can switch the
 scales on without changing the module. The forward dispatches to `eqat.kernels`.
@@ -18,6 +20,7 @@ from torch import nn
 from eqat.kernels import select_backend
 from eqat.kernels.reference import dequantize_packed
 from eqat.core.packing import pack_int32, packed_length, unpack_int32
+from eqat.core.reassembly import check_reassembly, reassemble
 from eqat.core.quantizer import fake_quantize_tokens, init_minmax, quantize_codes, valid_scale, valid_zero
 from eqat.core.scheme import QuantScheme
 
@@ -42,6 +45,19 @@ class QuantLinear(nn.Module):
         self.scales = nn.Parameter(torch.ones(out_features, groups, dtype=dtype, device=device), requires_grad=False)
         self.zeros = nn.Parameter(torch.zeros(out_features, groups, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_buffer("reassembly_index", None)
+        self.register_buffer("reassembly_scale", None)
+
+    @property
+    def reassembled(self) -> bool:
+        return self.reassembly_index is not None
+
+    def set_reassembly(self, index: torch.Tensor, scale: torch.Tensor) -> "QuantLinear":
+        """Give the layer a channel reassembly of its input (index int32 [2, K], scale float32 [K])."""
+        if index.device.type != "meta":
+            check_reassembly(index, scale, self.in_features, "QuantLinear")
+        self.reassembly_index, self.reassembly_scale = index, scale
+        return self
 
     @classmethod
     def from_weight(
@@ -88,7 +104,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype, on the backend
         `eqat.kernels.select_backend` picks (EQAT_KERNEL overrides). A scheme with activation
-        quantization fake-quantizes x per token first (`fake_quantize_tokens`)."""
+        quantization fake-quantizes x per token first (`fake_quantize_tokens`), after the channel
+        reassembly when the layer has one."""
+        if self.reassembly_index is not None:
+            x = reassemble(x, self.reassembly_index, self.reassembly_scale)
         if self.scheme.act is not None:
             x = fake_quantize_tokens(x, self.scheme.act)
         needs_grad = torch.is_grad_enabled() and any(
@@ -99,5 +118,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
-            f"bias={self.bias is not None}, dtype={self.scales.dtype}"
+            f"bias={self.bias is not None}, dtype={self.scales.dtype}" + (", reassembled" if self.reassembled else "")
         )

@@ -2,7 +2,9 @@
 
 For each decoder block i, in order:
   1. targets  Y_fp = fp_block_i(X_fp)      (X_fp: the full-precision model's stream)
-  2. the method wraps the block (`prepare_block`) and its parameter groups train with AdamW
+  2. the method may change the block from what its inputs look like (`calibrate_block`: SmoothQuant's
+     migration, QLLM's channel reassembly), then wraps it (`prepare_block`); its parameter groups
+     (none for an untrained method) train with AdamW
      (cosine to lr * min_lr_ratio) to minimise the method's `block_loss(block_i^q(X_q), Y_fp)`
   3. the method freezes the block to packed QuantLinears, then X_q <- block_i^q(X_q), X_fp <- Y_fp.
 
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 
 from eqat.core.dtypes import parse_dtype
 from eqat.core.qlinear import QuantLinear
+from eqat.core.reassembly import identity_reassembly
 from eqat.core.layer_schemes import LayerSchemes, SchemeLike, as_layer_schemes
 from eqat.engine.config import BlockwiseConfig
 from eqat.engine.guard import NonFiniteGuard, NonFiniteRun
@@ -82,6 +85,18 @@ class BlockRecord:
     heldout_losses: list[float] = field(default_factory=list)  # packed, at the start and after each epoch
     selected_by: str = "loss"  # what chose kept_epoch: the held-out block loss, or "nll" (eqat.engine.selection)
     heldout_nll: list[float] = field(default_factory=list)  # with "nll": each candidate's next-token loss
+    calibration: dict[str, Any] = field(default_factory=dict)  # what the method's calibrate_block did
+
+
+@dataclass
+class BlockData:
+    """What a method's `calibrate_block` sees of block i: `run(block, rows)` runs a block over those
+    windows of the quantized-input stream (no grad; hooks on its modules see the activations),
+    `loss(block, rows)` is the method's block loss of a block on them against the fp targets."""
+
+    train: range  # the training windows (the held-out ones are for the engine's selection)
+    run: Callable[[nn.Module, range], None]
+    loss: Callable[[nn.Module, range], float]
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -241,13 +256,17 @@ class BlockwiseEngine:
     def _load_block(self, i: int) -> None:
         block = self.blocks[i]
         schemes = self._block_schemes(i)
-        for name, lin in block_linears(block).items():
+        for name, lin in list(block_linears(block).items()):
             q = QuantLinear(lin.in_features, lin.out_features, schemes(name), bias=lin.bias is not None,
                             dtype=self.storage_dtype)
             replace_module(block, name, q)
         path = self.state_dir / f"block_{i:03d}.safetensors"
         try:
-            block.load_state_dict(load_file(str(path)), strict=True)
+            tensors = load_file(str(path))
+            for name, m in block_linears(block).items():
+                if f"{name}.reassembly_index" in tensors:  # placeholders the saved tensors overwrite
+                    m.set_reassembly(*identity_reassembly(m.in_features))
+            block.load_state_dict(tensors, strict=True)
         except (OSError, SafetensorError, RuntimeError) as e:
             raise damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from e
 
@@ -268,6 +287,11 @@ class BlockwiseEngine:
         return total / max(count, 1)
 
     @torch.no_grad()
+    def _run_rows(self, block: nn.Module, src: ActivationStream, rows: range, kw) -> None:
+        for s in range(rows.start, rows.stop, self.config.batch_size):
+            run_block(block, src[s : min(s + self.config.batch_size, rows.stop)].to(self.device, torch.float32), kw)
+
+    @torch.no_grad()
     def _apply(self, block: nn.Module, src: ActivationStream, dst: ActivationStream, kw) -> None:
         """dst = block(src), batch by batch."""
         n, bs = src.shape[0], self.config.batch_size
@@ -279,6 +303,8 @@ class BlockwiseEngine:
                on_epoch: Callable[[int], None] | None = None) -> tuple[list[float], int]:
         cfg = self.config
         params = [p for g in groups for p in g.params]
+        if not params:  # an untrained method (SmoothQuant, QLLM without low-rank tuning)
+            return [], 0
         opt = torch.optim.AdamW([{"params": g.params, "lr": g.lr * lr_scale} for g in groups],
                                 weight_decay=cfg.weight_decay)
         per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -331,8 +357,11 @@ class BlockwiseEngine:
         yfp = ActivationStream.create(p_fp, (n, t, h), self.act_dtype, cfg.offload)
         self._apply(block, xfp, yfp, kw)
         val = range(n_train, n) if n > n_train else range(0, n_train)
-        backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+        data = BlockData(range(0, n_train), lambda b, rows: self._run_rows(b, xq, rows, kw),
+                         lambda b, rows: self._loss(b, xq, yfp, rows, kw))
+        calibration = self.method.calibrate_block(block, data, self._block_schemes(i), cfg)
+        backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         guard = NonFiniteGuard(f"{self.method.label} block {i}")
         restarts, lr_scale = 0, 1.0
         while True:
@@ -373,7 +402,7 @@ class BlockwiseEngine:
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
                           guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses,
-                          cfg.keep_best_by if cfg.keep_best else "last", best.scores)
+                          cfg.keep_best_by if cfg.keep_best else "last", best.scores, calibration)
         self.records.append(rec)
         return yfp, xq_next
 

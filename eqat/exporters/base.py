@@ -44,6 +44,7 @@ class QuantizedLayer:
     zeros: torch.Tensor  # fp16/bf16 [N, G], integer-valued
     bias: torch.Tensor | None  # [N]
     in_features: int  # K
+    reassembly: tuple[torch.Tensor, torch.Tensor] | None = None  # (index int32 [2, K], scale float32 [K])
 
     @property
     def out_features(self) -> int:
@@ -66,6 +67,7 @@ class Exporter:
     write_model: Callable[[Path, dict[str, torch.Tensor], Path, LayerSchemes, dict], None] | None = None
     holds_mixed: bool = False  # per-module schemes (mixed precision) in one folder
     holds_activations: bool = False  # schemes that quantize input activations (w8g-1a8): runs them as such
+    holds_reassembly: bool = False  # QLLM's channel reassembly of a layer's input (eqat.core.reassembly)
     # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
     resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
@@ -79,9 +81,16 @@ def register(exporter: Exporter) -> Exporter:
 
 
 def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, tuple[int, int]],
-                    options: dict) -> str | None:
-    """Why `exporter` cannot hold layers `shapes` ({name: (N, K)}) at `schemes`, or None."""
+                    options: dict, reassembled: tuple[str, ...] = ()) -> str | None:
+    """Why `exporter` cannot hold layers `shapes` ({name: (N, K)}) at `schemes`, the layers named in
+    `reassembled` with a channel reassembly of their input, or None."""
     schemes = as_layer_schemes(schemes)
+    if reassembled and not exporter.holds_reassembly:
+        able = [n for n, e in EXPORTERS.items() if e.holds_reassembly]
+        return (f"{exporter.name} cannot hold QLLM's channel reassembly ({len(reassembled)} layers, e.g. "
+                f"'{reassembled[0]}'): it is a gather-and-average of each input that this format has no place for; "
+                f"formats that hold it: {', '.join(able) or 'none yet'}; for {exporter.name}, quantize with "
+                "--qllm-reassembly off")
     groups = schemes.distinct(shapes)
     if len(groups) > 1 and not exporter.holds_mixed:
         mixed = [n for n, e in EXPORTERS.items() if e.holds_mixed]
@@ -100,10 +109,16 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
     return None
 
 
-def formats_for(scheme: SchemeLike, shapes: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+def formats_for(scheme: SchemeLike, shapes: dict[str, tuple[int, int]],
+                reassembled: tuple[str, ...] = ()) -> dict[str, str | None]:
     """Per format, why it cannot hold `scheme` (one, or per module) on layers of `shapes` ({name: (N, K)}),
-    or None when it can (with each format's default options)."""
-    return {name: why_not_schemes(e, scheme, shapes, dict(e.options)) for name, e in EXPORTERS.items()}
+    those in `reassembled` with a channel reassembly, or None when it can (each format's default options)."""
+    return {name: why_not_schemes(e, scheme, shapes, dict(e.options), reassembled) for name, e in EXPORTERS.items()}
+
+
+def reassembled_layers(meta: dict) -> tuple[str, ...]:
+    """The layers of a checked eqat_config.json that hold a channel reassembly."""
+    return tuple(n for n, info in meta["quantized_modules"].items() if info.get("reassembly"))
 
 
 def holders_text(fits: dict[str, str | None]) -> str:
@@ -118,7 +133,7 @@ def checkpoint_formats(src: str | Path) -> dict[str, str | None]:
     src = check_model_dir(src)
     meta = read_eqat_config(src)
     shapes = _layer_shapes(AutoConfig.from_pretrained(src), list(meta["quantized_modules"]))
-    return formats_for(checkpoint_schemes(meta), shapes)
+    return formats_for(checkpoint_schemes(meta), shapes, reassembled_layers(meta))
 
 
 def checkpoint_bits(src: str | Path) -> dict[str, Any]:
@@ -158,10 +173,12 @@ def read_layers(src: Path, meta: dict, config: Any) -> tuple[dict[str, Quantized
     for name, info in meta["quantized_modules"].items():
         try:
             qweight, scales, zeros = (state.pop(f"{name}.{t}") for t in ("qweight", "scales", "zeros"))
+            reassembly = (tuple(state.pop(f"{name}.reassembly_{t}") for t in ("index", "scale"))
+                          if info.get("reassembly") else None)
         except KeyError as e:
             raise EqatInputError(f"{src / WEIGHTS} lacks tensor {e} of quantized module '{name}'; the checkpoint is damaged.") from e
         bias = state.pop(f"{name}.bias", None) if info.get("bias") else None
-        layers[name] = QuantizedLayer(name, qweight, scales, zeros, bias, shapes[name][1])
+        layers[name] = QuantizedLayer(name, qweight, scales, zeros, bias, shapes[name][1], reassembly)
     return layers, state
 
 
@@ -222,10 +239,12 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
     if exporter.resolve_options is not None:
         opts = exporter.resolve_options(schemes, opts)
-    reason = why_not_schemes(exporter, schemes, shapes, opts)
+    reassembled = reassembled_layers(meta)
+    reason = why_not_schemes(exporter, schemes, shapes, opts, reassembled)
     if reason:
+        fits = formats_for(schemes, shapes, reassembled)
         raise EqatInputError(f"format '{fmt}' cannot hold this checkpoint ({schemes.name}): {reason}. "
-                             f"Formats that can hold it, and who loads them: {holders_text(formats_for(schemes, shapes))}.")
+                             f"Formats that can hold it, and who loads them: {holders_text(fits)}.")
     state: dict[str, torch.Tensor] = dict(rest)
     notes: dict[str, int] = {}
     for name, layer in tqdm(layers.items(), desc=f"export {fmt}", unit="layer", disable=not progress):

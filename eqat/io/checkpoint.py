@@ -5,7 +5,9 @@ A checkpoint folder holds:
     tokenizer files                       as saved by the tokenizer
     model.safetensors                     every tensor of the model; quantized Linears appear as
                                           <name>.qweight (int32), <name>.scales, <name>.zeros
-                                          (fp16/bf16) and <name>.bias; tied tensors saved once
+                                          (fp16/bf16) and <name>.bias, and with a channel
+                                          reassembly (QLLM) <name>.reassembly_index (int32)
+                                          and <name>.reassembly_scale; tied tensors saved once
     eqat_config.json                      format name and version, the QuantScheme, the storage
                                           dtype, the list of quantized modules (each with its own
                                           scheme when it differs: mixed precision), provenance
@@ -31,11 +33,14 @@ from torch import nn
 from eqat import __version__
 from eqat.errors import EqatInputError
 from eqat.core.qlinear import QuantLinear
+from eqat.core.reassembly import check_reassembly
 from eqat.core.layer_schemes import bits_summary, dominant
 from eqat.core.scheme import QuantScheme
 
 FORMAT_NAME = "eqat"
-FORMAT_VERSION = 2  # 2: per-module "scheme" entries (mixed precision); uniform checkpoints are still written as 1
+# 2: per-module "scheme" entries (mixed precision); 3: per-module "reassembly" (QLLM's channel reassembly).
+# A checkpoint is written with the lowest version that holds it (uniform weight-only ones are still 1).
+FORMAT_VERSION = 3
 EQAT_CONFIG = "eqat_config.json"
 WEIGHTS = "model.safetensors"
 
@@ -154,13 +159,15 @@ def save_quantized(
     if not qmods:
         raise ValueError("the model has no QuantLinear modules; quantize it before saving an eqat checkpoint")
     default = dominant([m.scheme for m in qmods.values()], [m.in_features * m.out_features for m in qmods.values()])
-    modules = {name: {"bias": m.bias is not None, **({} if m.scheme == default else {"scheme": m.scheme.to_dict()})}
+    modules = {name: {"bias": m.bias is not None, **({} if m.scheme == default else {"scheme": m.scheme.to_dict()}),
+                      **({"reassembly": True} if m.reassembled else {})}
                for name, m in qmods.items()}
     mixed = any("scheme" in v for v in modules.values())
+    version = 3 if any(m.reassembled for m in qmods.values()) else 2 if mixed else 1
     first = next(iter(qmods.values()))
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION if mixed else 1,  # eqat before mixed precision reads uniform ones
+        "format_version": version,  # an older eqat reads what it can hold and refuses the rest
         "eqat_version": __version__,
         "scheme": default.to_dict(),
         "storage_dtype": str(first.scales.dtype).removeprefix("torch."),
@@ -228,6 +235,8 @@ def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
     if not isinstance(mods, dict) or not mods or not all(
             isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("bias"), bool) for k, v in mods.items()):
         raise bad("quantized_modules", "a non-empty mapping of module name to {bias: true|false[, scheme: {...}]}")
+    if not all(isinstance(v.get("reassembly", False), bool) for v in mods.values()):
+        raise bad("quantized_modules", "a mapping whose entries' 'reassembly' is true or false")
     for name, info in mods.items():
         if "scheme" not in info:
             continue
@@ -274,6 +283,9 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
                               device="meta")
         except ValueError as e:
             raise EqatInputError(f"{p / EQAT_CONFIG}: scheme {schemes[name].name} does not fit module '{name}' ({e}).") from e
+        if info.get("reassembly"):  # placeholders the state dict fills (assign=True), checked below
+            new.set_reassembly(torch.empty(2, old.in_features, dtype=torch.int32, device="meta"),
+                               torch.empty(old.in_features, device="meta"))
         setattr(model.get_submodule(parent), child, new)
     try:
         state = load_file(str(p / WEIGHTS))
@@ -289,4 +301,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         raise EqatInputError(
             f"{p / WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
+    for name, m in quantized_modules(model).items():
+        if m.reassembled:
+            check_reassembly(m.reassembly_index, m.reassembly_scale, m.in_features, f"{p / WEIGHTS}, module '{name}'")
     return model.to(device).eval(), load_tokenizer(p), meta

@@ -80,8 +80,15 @@ class DataFreeMethod(Method):
 class BlockwiseMethod(Method):
     phase = BLOCKWISE
 
+    def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: Any) -> dict[str, Any]:
+        """Before `prepare_block`: change the full-precision block in place from its inputs (`data`, an
+        eqat.engine.blockwise.BlockData), e.g. migrate activation outliers into the weights; facts for
+        the block's record. Default: nothing."""
+        return {}
+
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: Any) -> list[ParamGroup]:
-        """Wrap `block`'s Linears for training (in place, on the block's device); the groups to train."""
+        """Wrap `block`'s Linears for training (in place, on the block's device); the groups to train
+        (none: the engine packs the block as wrapped, without training)."""
         raise NotImplementedError
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: Any) -> torch.Tensor:

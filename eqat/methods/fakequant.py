@@ -14,14 +14,15 @@ from torch import nn
 
 from eqat.models.arch import block_linears
 from eqat.core.qlinear import QuantLinear
-from eqat.core.quantizer import FakeQuantizer
+from eqat.core.quantizer import FakeQuantizer, fake_quantize_tokens
 from eqat.core.layer_schemes import SchemeLike, as_layer_schemes
 from eqat.core.scheme import QuantScheme
 from eqat.models.arch import replace_module
 
 
 class FakeQuantLinear(nn.Module):
-    """y = x @ fake_quantize(W)^T + b. weight float32 [N, K] (trainable), bias frozen."""
+    """y = x @ fake_quantize(W)^T + b, x fake-quantized per token first when the scheme quantizes
+    activations. weight float32 [N, K] (trainable), bias frozen."""
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, storage: torch.dtype | None = None) -> None:
         super().__init__()
@@ -32,6 +33,8 @@ class FakeQuantLinear(nn.Module):
         self.quantizer = FakeQuantizer(self.weight, scheme, storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.act is not None:  # as the packed QuantLinear does (weight-activation schemes)
+            x = fake_quantize_tokens(x, self.scheme.act)
         w = self.quantizer(self.weight)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

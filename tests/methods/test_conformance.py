@@ -59,14 +59,14 @@ def interrupt(monkeypatch, method):
         monkeypatch.setattr(eqat.pipeline, "run_data_free", killed)
 
 
-@pytest.mark.parametrize("name", ["rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "toy-scales-only"])
+@pytest.mark.parametrize("name", ["rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "smoothquant", "toy-scales-only"])
 def test_every_method_conforms(name, methods, cli, tiny_model_dir, tmp_path, monkeypatch):
     from eqat.exporters import export_checkpoint
     from eqat.exporters.base import checkpoint_formats
     from eqat.methods.base import plan_help
     from eqat.validate import validate
 
-    assert set(methods) >= {"rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "toy-scales-only"}
+    assert set(methods) >= {"rtn", "block-ap", "e2e-qp", "lr-qat", "lr-qat-block", "smoothquant", "toy-scales-only"}
     method = methods[name]
     assert name in plan_help()  # what `quantize --help` and `eqat info` list
     model = tiny_model_dir("llama")
