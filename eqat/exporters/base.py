@@ -90,7 +90,7 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
         return (f"{exporter.name} cannot hold QLLM's channel reassembly ({len(reassembled)} layers, e.g. "
                 f"'{reassembled[0]}'): it is a gather-and-average of each input that this format has no place for; "
                 f"formats that hold it: {', '.join(able) or 'none yet'}; for {exporter.name}, quantize with "
-                "--qllm-reassembly off")
+                "--no-qllm-reassembly")
     groups = schemes.distinct(shapes)
     if len(groups) > 1 and not exporter.holds_mixed:
         mixed = [n for n, e in EXPORTERS.items() if e.holds_mixed]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from eqat.methods import block_ap, e2e_qp, lr_qat, rtn, smoothquant  # noqa: F401  (they register themselves)
+from eqat.methods import block_ap, e2e_qp, lr_qat, qllm, rtn, smoothquant  # noqa: F401  (they register themselves)
 from eqat.methods.base import get_method, parse_plan, register_method, registered_methods  # noqa: F401
 
 for _ep in entry_points(group="eqat.methods"):  # methods of other installed packages
