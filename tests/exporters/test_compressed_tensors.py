@@ -105,3 +105,56 @@ def test_loads_in_transformers(tmp_path, tiny_tokenizer, scheme, dequantize):
         got = hf(ids).logits
     # compressed-tensors dequantizes in the scales' dtype (float16): weights rounded to float16
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
+
+
+# ---- W8A8 (int-quantized) ----------------------------------------------------------------
+
+W8A8 = QuantScheme.parse("w8g-1syma8sym")
+
+
+def test_w8a8_layer_is_int8_codes_and_the_package_decompresses_eqats_weight():
+    layer, codes, zeros, scales = _layer(W8A8, 24, 96, dtype=torch.bfloat16)
+    t, notes = convert_layer(layer, W8A8, {})
+    assert notes == {} and set(t) == {"weight", "weight_scale", "bias"}
+    assert t["weight"].dtype == torch.int8 and t["weight"].shape == (24, 96)
+    assert torch.equal(t["weight"].to(torch.int16), codes.to(torch.int16) - 128)
+    assert t["weight_scale"].shape == (24, 1) and torch.equal(t["weight_scale"][:, 0], scales[:, 0])
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    dense = IntQuantizationCompressor.decompress({k: v for k, v in t.items() if k.startswith("weight")},
+                                                 QuantizationScheme(targets=["Linear"], weights=args,
+                                                                    input_activations=acts))["weight"]
+    torch.testing.assert_close(dense.float(), dequantize_codes(codes, scales.float(), zeros.float()), rtol=1e-2, atol=1e-4)
+
+
+def test_w8a8_export_config_and_refusals(tmp_path, tiny_tokenizer):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from eqat.validate.backends import BACKENDS, vllm_why_not
+
+    model = tiny_model("llama", vocab=len(tiny_tokenizer))
+    quantize_rtn(model, W8A8)
+    ck = save_quantized(model, tiny_tokenizer, tmp_path / "ck", provenance={"method": "rtn"})
+    export_checkpoint(ck, "compressed-tensors", tmp_path / "ct", progress=False)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized" and qc["ignore"] == ["lm_head"]
+    group = qc["config_groups"]["group_0"]
+    assert group["input_activations"] == {**group["input_activations"], "num_bits": 8, "symmetric": True,
+                                          "strategy": "token", "dynamic": True, "type": "int"}
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["symmetric"] is True
+    parsed = QuantizationConfig.model_validate(qc)  # the package reads it
+    assert parsed.format == "int-quantized"
+    assert "runs the activations in floating point" in BACKENDS["transformers"].why_not("compressed-tensors", qc)
+    reason = vllm_why_not("compressed-tensors", qc, "python")
+    assert reason is None or "AVX-512" in reason  # the one thing that keeps vLLM's CPU build from running it
+    # W4A8, W8A8 with asymmetric activations: not vLLM's int8 scheme
+    for name in ("w4g-1syma8sym", "w8g-1syma8"):
+        m = tiny_model("llama", vocab=len(tiny_tokenizer))
+        quantize_rtn(m, QuantScheme.parse(name))
+        src = save_quantized(m, tiny_tokenizer, tmp_path / name, provenance={"method": "rtn"})
+        with pytest.raises(EqatInputError, match=f"int-quantized W8A8 only .*{name} is not that"):
+            export_checkpoint(src, "compressed-tensors", tmp_path / f"{name}-ct", progress=False)
+        assert not (tmp_path / f"{name}-ct").exists()
