@@ -106,10 +106,18 @@ class QuantLinear(nn.Module):
         `eqat.kernels.select_backend` picks (EQAT_KERNEL overrides). A scheme with activation
         quantization fake-quantizes x per token first (`fake_quantize_tokens`), after the channel
         reassembly when the layer has one."""
+        out_dtype = x.dtype
+        if self.scheme.act is not None:
+            # in float32, whatever x's dtype: the integer GEMM this stands for (int8 x int8 -> int32, then
+            # both scales) rounds nothing, and a bf16 product of codes and scales would (~1% perplexity)
+            x = x.float()
         if self.reassembly_index is not None:
             x = reassemble(x, self.reassembly_index, self.reassembly_scale)
         if self.scheme.act is not None:
             x = fake_quantize_tokens(x, self.scheme.act)
+        return self._matmul(x).to(out_dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.scales, self.zeros, self.bias))
         group = self.scheme.group_size_for(self.in_features)

@@ -25,6 +25,13 @@ and zero-points repeated per block: the same weights). onnxruntime 1.32 refuses 
 values, same weights, a third more storage), counted in the report as `widened_3_to_4_bit`;
 option `widen_3bit=false` refuses instead. 6-bit codes are widened to 8-bit codes the same way
 (`widened_6_to_8_bit`).
+
+Weight-activation models run as such: before its MatMulNBits node, a layer whose scheme quantizes
+activations quantizes and dequantizes its input per token with plain graph operations
+(ReduceMin/ReduceMax, Div, Round, Clip, Sub, Mul: eqat.core.quantizer.quantize_tokens, at any of 4/6/8
+bits; QuantizeLinear has no 4/6-bit type at opset 17), in float32 like eqat's forward. A layer with
+QLLM's channel reassembly gathers and averages its input first (Gather, Add, Mul), from two more
+initializers per layer: `reassembly_index` int64 [2, K] and `reassembly_scale` float32 [K].
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ from torch import nn
 from eqat.exporters.base import Exporter, QuantizedLayer, register
 from eqat.core.packing import pack_int32, unpack_int32
 from eqat.core.layer_schemes import LayerSchemes
-from eqat.core.scheme import QuantScheme
+from eqat.core.quantizer import fake_quantize_tokens
+from eqat.core.reassembly import reassemble
+from eqat.core.scheme import ActScheme, QuantScheme
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB ceiling, with room for the graph
@@ -100,6 +109,9 @@ def convert_layer(layer: QuantizedLayer, scheme: QuantScheme, options: dict
         out["zero_points"] = pack_bytes(zeros, bits).reshape(-1)
     if layer.bias is not None:
         out["bias"] = layer.bias.float()
+    if layer.reassembly is not None:
+        out["reassembly_index"] = layer.reassembly[0].to(torch.int64)
+        out["reassembly_scale"] = layer.reassembly[1].float()
     notes = {"widened_3_to_4_bit": int(scheme.bits == 3 and bits == 4)}
     return out, notes | ({"widened_6_to_8_bit": 1} if scheme.bits == 6 else {})
 
@@ -164,6 +176,25 @@ class MatMulNBitsLinear(nn.Module):
         return _MatMulNBits.apply(x, self.qb, self.scales, self.zero_points, self.bias, self.k, self.n, self.bits, self.block)
 
 
+class QuantizedInput(nn.Module):
+    """A MatMulNBitsLinear behind its input's reassembly (QLLM) and per-token activation quantization,
+    traced to plain ONNX operations."""
+
+    def __init__(self, inner: MatMulNBitsLinear, act: ActScheme | None, index: torch.Tensor | None,
+                 scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.inner, self.act = inner, act
+        self.register_buffer("reassembly_index", index)
+        self.register_buffer("reassembly_scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reassembly_index is not None:
+            x = reassemble(x, self.reassembly_index, self.reassembly_scale)
+        if self.act is not None:
+            x = fake_quantize_tokens(x, self.act)
+        return self.inner(x)
+
+
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -185,9 +216,12 @@ def write_model(src: Path, state: dict[str, torch.Tensor], out: Path, schemes: L
     for name in meta["quantized_modules"]:  # each node has its own bits (mixed precision)
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
-        tensors = {t: state[f"{name}.{t}"] for t in ("B", "scales", "zero_points", "bias") if f"{name}.{t}" in state}
-        setattr(model.get_submodule(parent), child, MatMulNBitsLinear(tensors, old.in_features,
-                                                                          onnx_bits(schemes(name), options)))
+        tensors = {t: state[f"{name}.{t}"] for t in ("B", "scales", "zero_points", "bias", "reassembly_index",
+                                                     "reassembly_scale") if f"{name}.{t}" in state}
+        new: nn.Module = MatMulNBitsLinear(tensors, old.in_features, onnx_bits(schemes(name), options))
+        if schemes(name).act is not None or "reassembly_index" in tensors:
+            new = QuantizedInput(new, schemes(name).act, tensors.get("reassembly_index"), tensors.get("reassembly_scale"))
+        setattr(model.get_submodule(parent), child, new)
     ids = torch.zeros(1, 8, dtype=torch.int64)
     path = out / "model.onnx"
     with warnings.catch_warnings():
@@ -208,9 +242,11 @@ def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
     carries its bits and block size, so the graph needs nothing else)."""
     scheme = schemes.default
     modules = {name: {"bits": onnx_bits(s, options), "source_bits": s.bits, "group_size": s.group_size,
-                      "symmetric": s.symmetric} for name, s in schemes.layers.items()}
+                      "symmetric": s.symmetric, "activations": None if s.act is None else s.act.to_dict()}
+               for name, s in schemes.layers.items()}
     return {"quant_method": "onnx-matmulnbits", "bits": onnx_bits(scheme, options), "source_bits": scheme.bits,
-            "group_size": scheme.group_size, "symmetric": scheme.symmetric, "opset": OPSET,
+            "group_size": scheme.group_size, "symmetric": scheme.symmetric,
+            "activations": None if scheme.act is None else scheme.act.to_dict(), "opset": OPSET,
             "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "kv_cache": False,
             **({"modules": modules} if modules else {})}
 
@@ -219,6 +255,8 @@ ONNX = register(Exporter(
     name="onnx",
     summary="ONNX graph with com.microsoft::MatMulNBits linears (onnxruntime, CPU)",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
-    options={"widen_3bit": True}, write_model=write_model, holds_mixed=True,
-    runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit, 6-bit to 8-bit)",
+    options={"widen_3bit": True}, write_model=write_model, holds_mixed=True, holds_activations=True,
+    holds_reassembly=True,
+    runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit, 6-bit to 8-bit; activations quantized per token "
+             "and QLLM's reassembly as graph operations)",
 ))

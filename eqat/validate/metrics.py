@@ -31,10 +31,16 @@ class Thresholds:
     max_mean_kl: float = 1e-3  # mean KL(reference || backend) per position, nats
     min_top1_agree_bf16: float = 0.95
     max_mean_kl_bf16: float = 4e-3
+    # a runtime in float16/bfloat16 need not agree with eqat's forward in that dtype better than that
+    # forward agrees with eqat's float32 one (`reference_self_top1`) less this margin: per-token
+    # activation quantization turns the dtype's rounding into other codes (SmolLM2 W8A8 in bf16: 89.5%)
+    self_top1_margin: float = 0.03
 
     def failures(self, row: dict) -> list[str]:
         bf16 = row.get("dtype") == "bfloat16"
         min_top1 = self.min_top1_agree_bf16 if bf16 else self.min_top1_agree
+        if row.get("reference_self_top1") is not None:
+            min_top1 = min(min_top1, row["reference_self_top1"] - self.self_top1_margin)
         max_kl = self.max_mean_kl_bf16 if bf16 else self.max_mean_kl
         out = []
         if abs(row["ppl_delta_pct"]) > self.max_ppl_delta_pct:

@@ -62,6 +62,9 @@ class Reference:
             logits, seconds = run_windows(fn, self.windows)
             self.cache[dtype] = {"logits": logits, "seconds": seconds, "ppl": perplexity_of(logits, self.windows),
                                  "greedy": greedy(fn, self.prompts, self.new_tokens)}
+            if dtype != torch.float32:  # how far eqat in this dtype is from itself in float32: the noise floor
+                exact = self.get(torch.float32)["logits"]
+                self.cache[dtype]["self_top1"] = agreement(logits, exact)["top1_agree"]
         return self.cache[dtype]
 
 
@@ -76,6 +79,8 @@ def _score(loaded: Loaded, ref: Reference, load_s: float) -> dict[str, Any]:
            **greedy_agreement(greedy(loaded.logits, ref.prompts, ref.new_tokens), base["greedy"])}
     row["ppl_delta_pct"] = 100 * (row["ppl"] / base["ppl"] - 1)
     row["reference_ppl"] = base["ppl"]
+    if "self_top1" in base:
+        row["reference_self_top1"] = base["self_top1"]
     return row
 
 
@@ -135,6 +140,7 @@ def run_vllm(folder: Path, ref: Reference, python: str | None, timeout: int) -> 
             "max_abs_logit": None, "mean_abs_logit": None, "mean_kl": None, "top1_agree": top1,
             "max_abs_logprob": diff.max().item(), "mean_abs_logprob": diff.mean().item(),
             "dtype": spec["dtype"], "quantization": res.get("quantization", ""), "kernel": _vllm_kernel(proc.stdout + proc.stderr),
+            **({"reference_self_top1": base["self_top1"]} if "self_top1" in base else {}),
             **greedy_agreement(res["greedy"], base["greedy"])}
 
 

@@ -104,3 +104,34 @@ def test_three_bit_without_widening_is_refused_before_writing(tmp_path, tiny_tok
     with pytest.raises(EqatInputError, match="format 'onnx' cannot hold this checkpoint \\(w3g32\\): onnxruntime's MatMulNBits"):
         export_checkpoint(src, "onnx", tmp_path / "out", widen_3bit=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, scheme", [("rtn", "w8g-1a8"), ("rtn", "w4g32a4"), ("qllm", "w4g32a8"),
+                                            ("qllm", "w6g32syma6sym")])
+def test_weight_activation_models_run_in_onnxruntime_as_in_eqat(method, scheme, cli, tiny_model_dir, tmp_path):
+    """Per-token activation quantization (4/6/8 bits) and QLLM's reassembly as graph operations."""
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from eqat.validate import validate
+
+    src, out = tmp_path / "ck", tmp_path / "onnx"
+    code, _, err = cli("quantize", "--model", str(tiny_model_dir("llama")), "--method", method, "--scheme", scheme,
+                       "--qllm-theta", "budget", "--nsamples", "6", "--val-samples", "2", "--calib-seqlen", "32",
+                       "--epochs", "1", "--no-eval", "-q", "--out", str(src))
+    assert code == 0, err
+    reassembled = [n for n, i in json.loads((src / "eqat_config.json").read_text())["quantized_modules"].items()
+                   if i.get("reassembly")]
+    assert bool(reassembled) == (method == "qllm")
+    code, _, err = cli("export", str(src), "--format", "onnx", "--out", str(out))
+    assert code == 0, err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activations"]["bits"] == int(scheme.rsplit("a", 1)[1].removesuffix("sym"))
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "ReduceMax", "Round"} <= ops and (("Gather" in ops) if reassembled else True)
+    result = validate(src, [out], backends=["onnxruntime"], windows=1, seqlen=32, new_tokens=4, progress=False)
+    assert result["passed"], result["reason"]
+    (row,) = [r for r in result["rows"] if r["backend"] == "onnxruntime"]
+    assert abs(row["ppl_delta_pct"]) < 0.1 and row["top1_agree"] > 0.98, row

@@ -187,7 +187,7 @@ def test_runtimes_that_cannot_hold_a_folder_are_skipped_with_the_reason():
     assert "4/8-bit symmetric v1" in vllm_why_not("gptq", {**v1_asym, "checkpoint_format": "gptq_v2"}, "/x/python")
     ct3 = {"config_groups": {"group_0": {"weights": {"num_bits": 3}}}}
     if not torch.cuda.is_available():
-        assert "4-bit only (CPUWNA16), not 3-bit" in vllm_why_not("compressed-tensors", ct3, "/x/python")
+        assert "weight-only 4-bit (CPUWNA16) and int8 W8A8, not 3-bit weight-only" in vllm_why_not("compressed-tensors", ct3, "/x/python")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the AVX-512 rule is vLLM's CPU path")
