@@ -35,11 +35,11 @@ import torch
 
 from eqat.core.scheme import QuantScheme
 from eqat.data.evaluate import perplexity
-from eqat.data.sources import eval_token_ids
+from eqat.data.sources import calibration_windows, eval_token_ids
 from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized
 from eqat.io.report import environment, write_json
 from eqat.models.loading import load_model
-from eqat.pipeline import resolve_model
+from eqat.pipeline import CalibOptions, resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 METHOD_FLAGS = {
@@ -77,11 +77,17 @@ def run_llmcompressor(model_path: Path, scheme: str, workdir: Path, python: str)
         raise SystemExit(f"llmcompressor rows are W8A8 (w8g-1syma8sym), not {scheme}")
     out = workdir / f"wa-llmcompressor-{model_path.name}"
     if not (out / "llmcompressor_report.json").is_file():
+        opts = CalibOptions()  # the windows eqat's block-wise methods train on (c4, 64 x 256, seed 0)
+        tok = load_model(model_path)[1]
+        calib = calibration_windows(tok, opts.data, opts.nsamples, opts.seqlen, opts.seed)
+        calib_file = workdir / "wa-llmcompressor-calib.json"
+        write_json(calib_file, {"input_ids": calib.tolist()})
         script = Path(__file__).with_name("llmcompressor_run.py")
-        proc = subprocess.run([python, str(script), "--model", str(model_path), "--out", str(out)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([python, str(script), "--model", str(model_path), "--calib", str(calib_file),
+                               "--out", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"llmcompressor_run.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.llmcompressor_load import load_int8_w8a8
 
     report = json.loads((out / "llmcompressor_report.json").read_text())

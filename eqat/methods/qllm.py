@@ -119,7 +119,7 @@ class QLLMConfig(BlockwiseConfig):
     """QLLM's parts, each switchable: reassembly (with its threshold search) and low-rank tuning."""
 
     reassembly: bool = option(True, "Channel disassembly and assembly at the q/k/v, gate/up and down_proj inputs.",
-                              flags=("--qllm-reassembly/--no-qllm-reassembly",))
+                              param="qllm_reassembly", flags=("--qllm-reassembly/--no-qllm-reassembly",))
     theta: str = option("search", "Threshold: search (the candidate of least block loss after RTN quantization, or none) "
                                   "or budget (the smallest within --qllm-budget, no search).", param="qllm_theta")
     budget: float = option(0.1, "Channels a site may add by disassembly, as a fraction of its channels, in (0, 1).",
