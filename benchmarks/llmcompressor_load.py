@@ -29,7 +29,8 @@ def load_int8_w8a8(base_model: Path, folder: Path) -> torch.nn.Module:
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model), dtype=torch.float32)
-    for name in [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]:
+    names = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
+    for name in names:
         lin = model.get_submodule(name)
         q = QuantLinear(lin.in_features, lin.out_features, W8A8, bias=lin.bias is not None, dtype=torch.float32)
         codes = (state.pop(f"{name}.weight").to(torch.int16) + 128).to(torch.uint8)
@@ -41,7 +42,8 @@ def load_int8_w8a8(base_model: Path, folder: Path) -> torch.nn.Module:
         state.pop(f"{name}.weight_zero_point", None)
         replace_module(model, name, q)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embedding
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in names  # filled above
+               and not m.endswith("lm_head.weight")]  # tied to the embedding
     if missing or unexpected:
         raise SystemExit(f"{folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()

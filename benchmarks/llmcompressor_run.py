@@ -10,8 +10,12 @@ int8 per-token dynamic activations, symmetric) and llmcompressor_report.json (se
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+# this folder holds benchmarks/kernels.py, which would shadow the `kernels` package transformers imports
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ def markdown(results: dict) -> str:
 
 def merge_row(path: Path, settings: dict, row: dict) -> dict:
     results = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "rows": []}
-    if any(results["settings"].get(k) != settings[k] for k in ("model", "seqlen", "max_windows")):
+    if any(results["settings"].get(k) != settings[k] for k in ("model", "seqlen", "max_windows", "extra")):
         results = {"settings": settings, "rows": []}  # another protocol: start over
     results["rows"] = [r for r in results["rows"] if (r["method"], r["scheme"]) != (row["method"], row["scheme"])]
     results["rows"].append(row)
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--extra", default="", help="more `eqat quantize` flags for every eqat row (e.g. '--nsamples 32')")
     ap.add_argument("--name", default="wa_quality")
+    ap.add_argument("--redo", action="store_true", help="re-evaluate rows the results file already has (same settings)")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "eqat" / "bench")
     ap.add_argument("--llmcompressor-python", default=str(Path.home() / ".cache/eqat/venvs/llmcompressor/bin/python"))
     args = ap.parse_args()
@@ -142,9 +143,14 @@ def main() -> None:
                 "max_windows": args.max_windows, "extra": args.extra}
     path = RESULTS / f"{args.name}.json"
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    results = {"settings": settings, "rows": []}
+    results = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "rows": []}
+    same = all(results["settings"].get(k) == settings[k] for k in ("model", "seqlen", "max_windows", "extra"))
+    done = {(r["method"], r["scheme"]) for r in results["rows"]} if same and not args.redo else set()
     for method in args.methods.split(","):
         for scheme in (["-"] if method == "fp" else args.schemes.split(",")):
+            if (method, scheme) in done:
+                print(f"{method:18s} {scheme:12s} in {path.name} already (--redo to evaluate again)", flush=True)
+                continue
             if method == "fp":
                 t = time.perf_counter()
                 model, info = load_model(model_path)[0], {"method_seconds": 0.0}

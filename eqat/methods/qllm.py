@@ -36,6 +36,7 @@ from eqat.core.scheme import QuantScheme
 from eqat.engine.config import BlockwiseConfig, check_lr
 from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, register_method
+from eqat.methods.block_ap import LOSSES, recon_loss
 from eqat.methods.calibration import block_sites, collect_inputs
 from eqat.methods.qllm_channels import reassembly_at, smallest_theta, theta_candidates
 from eqat.models.arch import block_linears, replace_module
@@ -130,6 +131,9 @@ class QLLMConfig(BlockwiseConfig):
     rank: int = option(4, "LoRA rank of the low-rank tuning (0: no tuning).", param="qllm_rank")
     lr: float = option(1e-3, "Learning rate of the LoRA factors.", param="qllm_lr")
     lr_norm: float = option(1e-4, "Learning rate of the norm weights (0: frozen).", param="qllm_lr_norm")
+    loss: str = option("mse", "Block loss of the threshold search and the tuning: mse (the paper), or relative, sink, "
+                              "clamp (Block-AP's, which keep a massive-activation token from owning it; docs/block-ap.md).",
+                       param="qllm_loss")
 
     def check(self) -> None:
         super().check()
@@ -138,6 +142,8 @@ class QLLMConfig(BlockwiseConfig):
                                  "(e.g. 0.1).")
         if self.theta not in THETA_MODES:
             raise EqatInputError(f"--qllm-theta must be search or budget, got '{self.theta}'.")
+        if self.loss not in LOSSES:
+            raise EqatInputError(f"--qllm-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
         if self.candidates < 1 or self.search_samples < 1 or self.rank < 0:
             raise EqatInputError("need --qllm-candidates >= 1, --qllm-search-samples >= 1 and --qllm-rank >= 0.")
         check_lr("--qllm-lr", self.lr, "docs/qllm.md")
@@ -224,7 +230,7 @@ class QLLM(BlockwiseMethod):
         return [ParamGroup("lora", lora, cfg.lr)] + ([ParamGroup("norms", norms, cfg.lr_norm)] if norms else [])
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: QLLMConfig) -> torch.Tensor:
-        return (out.float() - target.float()).pow(2).mean(-1)
+        return recon_loss(out, target, cfg.loss)
 
     @torch.no_grad()
     def freeze_block(self, block: nn.Module, cfg: QLLMConfig, dtype: torch.dtype) -> None:
@@ -234,6 +240,6 @@ class QLLM(BlockwiseMethod):
             p.requires_grad_(False)
 
     def describe(self, cfg: QLLMConfig, scheme: SchemeLike) -> dict[str, Any]:
-        return {"reassembly": cfg.reassembly, "theta": cfg.theta if cfg.reassembly else None,
+        return {"loss": cfg.loss, "reassembly": cfg.reassembly, "theta": cfg.theta if cfg.reassembly else None,
                 "budget": cfg.budget if cfg.reassembly else None, "low_rank_tuning": cfg.rank > 0 and cfg.epochs > 0,
                 "rank": cfg.rank}
