@@ -242,7 +242,7 @@ def quantization_config(schemes: LayerSchemes, options: dict) -> dict[str, Any]:
     carries its bits and block size, so the graph needs nothing else)."""
     scheme = schemes.default
     modules = {name: {"bits": onnx_bits(s, options), "source_bits": s.bits, "group_size": s.group_size,
-                      "symmetric": s.symmetric, "activations": None if s.act is None else s.act.to_dict()}
+                      "symmetric": s.symmetric, **({} if s.act is None else {"activations": s.act.to_dict()})}
                for name, s in schemes.layers.items()}
     return {"quant_method": "onnx-matmulnbits", "bits": onnx_bits(scheme, options), "source_bits": scheme.bits,
             "group_size": scheme.group_size, "symmetric": scheme.symmetric,

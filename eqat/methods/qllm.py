@@ -159,10 +159,16 @@ class QLLM(BlockwiseMethod):
     quantizes_activations = True
     summary = "QLLM: adaptive channel reassembly of activation outliers, then LoRA + norm tuning per block (W-A)"
 
-    def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: QLLMConfig) -> dict[str, Any]:
+    @staticmethod
+    def _wrap(block: nn.Module, scheme: SchemeLike, cfg: QLLMConfig) -> dict[str, QLLMLinear]:
+        """Every nn.Linear of the block as a full-precision QLLMLinear, in place."""
         schemes, storage = as_layer_schemes(scheme), parse_dtype(cfg.storage_dtype)
         for name, lin in list(block_linears(block).items()):
             replace_module(block, name, QLLMLinear(lin, schemes(name), storage).to(lin.weight.device))
+        return _qllm_linears(block)
+
+    def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: QLLMConfig) -> dict[str, Any]:
+        self._wrap(block, scheme, cfg)
         if not cfg.reassembly:
             return {}
         sites = [s for s in block_sites(block, self.label) if s.name != "o"]  # the paper's three inputs
@@ -210,12 +216,7 @@ class QLLM(BlockwiseMethod):
                 m.quantized = False
 
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: QLLMConfig) -> list[ParamGroup]:
-        mods = _qllm_linears(block)
-        if not mods:  # calibrate_block wraps them; a Python caller may skip it
-            schemes = as_layer_schemes(scheme)
-            for name, lin in list(block_linears(block).items()):
-                replace_module(block, name, QLLMLinear(lin, schemes(name), parse_dtype(cfg.storage_dtype)))
-            mods = _qllm_linears(block)
+        mods = _qllm_linears(block) or self._wrap(block, scheme, cfg)  # calibrate_block wraps them, unless skipped
         gen = torch.Generator().manual_seed(cfg.seed)
         lora: list[nn.Parameter] = []
         for m in mods.values():
