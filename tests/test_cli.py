@@ -61,7 +61,7 @@ def _assert_bad(cli, tmp_path, args, *fragments):
 
 
 def test_bad_bits(cli, tmp_path):
-    _assert_bad(cli, tmp_path, ["--bits", "5"], "bits=5", "2, 3, 4, 8")
+    _assert_bad(cli, tmp_path, ["--bits", "5"], "bits=5", "2, 3, 4, 6, 8")
 
 
 def test_group_not_dividing(cli, tmp_path, tiny_model_dir):
@@ -339,7 +339,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(cli, tiny_model_dir, tmp_pat
 
 def test_method_plans_are_checked_before_any_work(cli, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
-    for plan, why in [("gptq", "unknown method 'gptq'; registered: block-ap, e2e-qp, lr-qat, lr-qat-block, rtn"),
+    for plan, why in [("gptq", "unknown method 'gptq'; registered: block-ap, e2e-qp, lr-qat, lr-qat-block, qllm, rtn, smoothquant"),
                       ("lr-qat-block+block-ap", "only end-to-end methods may follow lr-qat-block, not block-ap"),
                       ("e2e-qp", "a data-free or block-wise method must come first"),
                       ("rtn+block-ap", "only end-to-end methods may follow rtn, not block-ap"),
