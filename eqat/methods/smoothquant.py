@@ -29,6 +29,7 @@ from eqat.core.options import option
 from eqat.engine.config import BlockwiseConfig
 from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, register_method
+from eqat.methods.block_ap import recon_loss
 from eqat.methods.calibration import LLAMA_SITES, Site, block_sites, collect_inputs, o_to_v_channels
 from eqat.methods.fakequant import freeze_block, wrap_block
 
@@ -99,7 +100,7 @@ class SmoothQuant(BlockwiseMethod):
         return []
 
     def block_loss(self, out: torch.Tensor, target: torch.Tensor, cfg: SmoothQuantConfig) -> torch.Tensor:
-        return (out.float() - target.float()).pow(2).mean(-1)
+        return recon_loss(out, target, "mse")
 
     def freeze_block(self, block: nn.Module, cfg: SmoothQuantConfig, dtype: torch.dtype) -> None:
         freeze_block(block, dtype)

@@ -183,6 +183,8 @@ def test_search_keeps_the_least_loss(cli, tiny_model_dir, tmp_path):
     (["--qllm-budget", "1.5"], "--qllm-budget must be a fraction in (0, 1)"),
     (["--qllm-budget", "0"], "--qllm-budget must be a fraction in (0, 1)"),
     (["--qllm-theta", "fixed"], "--qllm-theta must be search or budget"),
+    (["--qllm-loss", "huber"], "--qllm-loss must be one of mse, relative, sink, clamp"),
+    (["--qllm-candidates", "0"], "need --qllm-candidates >= 1"),
     (["--scheme", "w8g-1a5"], "unsupported activation bits=5"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(flags, message, cli, tiny_model_dir, tmp_path):
