@@ -37,7 +37,7 @@ from eqat.core.scheme import QuantScheme
 from eqat.data.evaluate import perplexity
 from eqat.data.sources import calibration_windows, eval_token_ids
 from eqat.io.checkpoint import is_eqat_checkpoint, load_quantized
-from eqat.io.report import environment, write_json
+from eqat.io.report import cpu_description, environment, write_json
 from eqat.models.loading import load_model
 from eqat.pipeline import CalibOptions, resolve_model
 
@@ -104,10 +104,12 @@ def markdown(results: dict) -> str:
           f"windows x {s['seqlen']} tokens", "",
           "Each row: `eqat quantize --method M --scheme S --no-eval` in its own process (its wall time), evaluated "
           "by eqat's forward with per-token dynamic activation quantization (benchmarks/wa_quality.py).", "",
-          "| scheme | method | perplexity | gap to FP | time (s) |", "|---|---|---:|---:|---:|"]
+          "Times compare only within one CPU (the `cpu` column; AVX2-only machines run about 3x slower).", "",
+          "| scheme | method | perplexity | gap to FP | time (s) | cpu |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
         gap = f"{r['ppl'] - fp:+.2f}" if fp is not None and r["method"] != "fp" else ""
-        md.append(f"| {r['scheme']} | {r['method']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.0f} |")
+        md.append(f"| {r['scheme']} | {r['method']} | {r['ppl']:.2f} | {gap} | {r['method_seconds']:.0f} "
+                  f"| {r.get('cpu', '?')} |")
     return "\n".join(md) + "\n"
 
 
@@ -161,7 +163,8 @@ def main() -> None:
                 QuantScheme.parse(scheme)  # a bad scheme stops here, before a process is started
                 model, info = run_eqat(model_path, method, scheme, args.work_dir, args.extra.split())
             r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{method} {scheme}")
-            row = {"method": method, "scheme": scheme, "ppl": r.ppl, **info, "eval": r.to_dict()}
+            row = {"method": method, "scheme": scheme, "ppl": r.ppl, **info, "eval": r.to_dict(),
+                   "cpu": cpu_description()}
             results = merge_row(path, settings, row)
             (RESULTS / f"{args.name}.md").write_text(markdown(results))
             print(f"{method:18s} {scheme:12s} ppl {r.ppl:10.3f}  method {info['method_seconds']:7.1f} s", flush=True)

@@ -68,6 +68,7 @@ class Exporter:
     holds_mixed: bool = False  # per-module schemes (mixed precision) in one folder
     holds_activations: bool = False  # schemes that quantize input activations (w8g-1a8): runs them as such
     holds_reassembly: bool = False  # QLLM's channel reassembly of a layer's input (eqat.core.reassembly)
+    holds_mixed_activations: bool = False  # per-module schemes in a model that quantizes activations
     # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
     resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
@@ -102,6 +103,11 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
         return (f"{exporter.name} holds weight-only models and this one quantizes activations ({act[0]}): exported, it "
                 f"would run with floating-point activations; formats that run them quantized: "
                 f"{', '.join(able) or 'none yet'} (`eqat eval` measures the model itself)")
+    if act and len(groups) > 1 and not exporter.holds_mixed_activations:
+        able = [n for n, e in EXPORTERS.items() if e.holds_mixed_activations and e.holds_activations]
+        return (f"{exporter.name} holds a weight-activation model at one scheme for every layer, and this one mixes "
+                f"{', '.join(s.name for s in groups)}; quantize every layer at one scheme (no --override/--avg-bits), "
+                f"or export to {', '.join(able) or 'none yet'}")
     for scheme, names in groups.items():
         reason = exporter.why_not(scheme, {n: shapes[n] for n in names}, options)
         if reason:

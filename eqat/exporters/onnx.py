@@ -256,7 +256,7 @@ ONNX = register(Exporter(
     summary="ONNX graph with com.microsoft::MatMulNBits linears (onnxruntime, CPU)",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
     options={"widen_3bit": True}, write_model=write_model, holds_mixed=True, holds_activations=True,
-    holds_reassembly=True,
+    holds_reassembly=True, holds_mixed_activations=True,
     runtimes="onnxruntime (CPU; 2/4/8-bit, 3-bit widened to 4-bit, 6-bit to 8-bit; activations quantized per token "
              "and QLLM's reassembly as graph operations)",
 ))

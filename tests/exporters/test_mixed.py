@@ -141,3 +141,36 @@ def test_single_scheme_formats_refuse_before_writing(mixed_checkpoint, tmp_path,
     with pytest.raises(EqatInputError, match="one scheme per model.*gptq.*compressed-tensors.*onnx"):
         export_checkpoint(src, fmt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _mixed_wa_checkpoint(tmp_path, tiny_tokenizer):
+    """Tiny llama at w4g32a8, down_proj of block 1 at w8g32a4, o_proj of block 0 weight-only w8g32."""
+    layers = {DOWN1: QuantScheme.parse("w8g32a4"), O0: QuantScheme.parse("w8g32")}
+    model = tiny_model("llama", vocab=len(tiny_tokenizer))
+    quantize_rtn(model, LayerSchemes(QuantScheme.parse("w4g32a8"), layers))
+    return save_quantized(model, tiny_tokenizer, tmp_path / "wa", provenance={"method": "rtn", "base_model": "tiny"})
+
+
+def test_mixed_weight_activation_model_is_refused_by_compressed_tensors_before_writing(tmp_path, tiny_tokenizer):
+    src = _mixed_wa_checkpoint(tmp_path, tiny_tokenizer)
+    with pytest.raises(EqatInputError, match="weight-activation model at one scheme for every layer.*export to onnx"):
+        export_checkpoint(src, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_mixed_weight_activation_model_runs_in_onnxruntime_layer_by_layer(tmp_path, tiny_tokenizer):
+    ort = pytest.importorskip("onnxruntime")
+    src = _mixed_wa_checkpoint(tmp_path, tiny_tokenizer)
+    export_checkpoint(src, "onnx", tmp_path / "onnx")
+    qc = json.loads((tmp_path / "onnx" / "config.json").read_text())["quantization_config"]
+    assert qc["activations"]["bits"] == 8 and QKV0[0] not in qc["modules"]  # the default scheme's
+    assert qc["modules"][DOWN1]["activations"]["bits"] == 4 and "activations" not in qc["modules"][O0]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = _ids()
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
+    model = load_quantized(src)[0]
+    want = _logits(model, ids).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    # the per-layer activation bits matter: one layer's 4-bit quantization changes eqat's own logits
+    model.get_submodule(DOWN1).scheme = QuantScheme.parse("w8g32a8")
+    assert not np.allclose(_logits(model, ids).numpy(), want, rtol=0, atol=1e-4 * np.abs(want).max())
