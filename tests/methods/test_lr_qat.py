@@ -191,3 +191,26 @@ def test_bad_input(cli, tiny_model_dir, tmp_path, flags, needle):
     assert code == 2, err
     assert needle in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_python_api_refuses_weight_activation_models(tmp_path):
+    """lr-qat's low-rank linears are weight-only: the engine refuses a W-A model, packed or not."""
+    from tests.conftest import tiny_model
+    from eqat.core.layer_schemes import as_layer_schemes
+    from eqat.core.scheme import QuantScheme
+    from eqat.engine.end2end import EndToEndEngine
+    from eqat.errors import EqatInputError
+    from eqat.methods.base import get_method
+    from eqat.methods.rtn import quantize_rtn
+
+    lrqat, wa = get_method("lr-qat"), QuantScheme.parse("w4g32a8")
+    packed = tiny_model()
+    quantize_rtn(packed, wa)
+    with pytest.raises(EqatInputError, match="lr-qat trains weight-only.*w4g32a8.*e2e-qp"):
+        EndToEndEngine(packed, lrqat, lrqat.config(), tmp_path / "a", progress=False)
+    lrqat.start_from_full_precision(as_layer_schemes(wa), torch.float16)
+    with pytest.raises(EqatInputError, match="lr-qat trains weight-only.*w4g32a8"):
+        EndToEndEngine(tiny_model(), lrqat, lrqat.config(), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    e2e_qp = get_method("e2e-qp")  # E2E-QP trains the packed QuantLinears, whose forward quantizes activations
+    EndToEndEngine(packed, e2e_qp, e2e_qp.config(), tmp_path / "c", progress=False)
