@@ -50,7 +50,7 @@ class CalibOptions:
 
 @dataclass
 class QuantizeOptions:
-    model: str | None = option(None, "Local Hugging Face causal-LM folder; default: the embedded SmolLM2-135M-Instruct.",
+    model: str | None = option(None, "Local Hugging Face causal-LM folder, or a packaged model by name (gemma3-270m); default: the embedded SmolLM2-135M-Instruct.",
                                flags=("--model", "-m"), result=False)  # the fingerprint holds the resolved path
     method: str = option(DEFAULT_PLAN, "Plan of methods joined by '+': one data-free or block-wise method (or lr-qat, "
                                        "which starts from full precision), then any end-to-end ones (block-ap+e2e-qp, "

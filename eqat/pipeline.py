@@ -37,10 +37,14 @@ from eqat.options import RESUME, CalibOptions, EvalOptions, QuantizeOptions, Tra
 from eqat.phases import plot_outputs, run_blockwise, run_data_free, run_end_to_end
 
 def resolve_model(model: str | None) -> Path:
-    if model is None:
-        from eqat.models.default_model import default_model_path
+    """A model folder: `model` itself, the default packaged model (None), or a packaged model by
+    name (`gemma3-270m`, eqat.models.default_model) where no folder of that name exists."""
+    from eqat.models.default_model import PACKAGED, default_model_path, packaged_model_path
 
+    if model is None:
         return default_model_path()
+    if model in PACKAGED and not Path(model).exists():
+        return packaged_model_path(model)
     return Path(model).expanduser()
 
 
@@ -151,6 +155,7 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     for m in plan:
         check_activations(m, possible)
         m.check_layers(shapes, possible, opts.config_for(m))
+        m.check_model(model, opts.config_for(m))
     cov = coverage(model, linears)
     check_coverage(cov, opts.allow_unquantized)  # before any training or writing
     ids = eval_token_ids(tokenizer, opts.eval.data) if opts.evaluate else None

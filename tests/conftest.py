@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Llama-like: the family spec eqat.models.families.llama
+# other family specs; Gemma 2/3 tiny models alternate sliding-window (8 tokens) and global attention
+OTHER_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
 
 
 def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = True):
@@ -16,8 +18,15 @@ def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab:
 
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
-    if family == "qwen3":
+    if family in ("qwen3", "gemma", "gemma2", "gemma3_text"):
         kw["head_dim"] = hidden // 4
+    if family in ("gemma2", "gemma3_text"):
+        kw.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                  + ["sliding_attention"] * (layers % 2))
+    if family == "gemma2":
+        kw.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if family == "phi3":
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return AutoConfig.for_model(family, **kw)
 
 

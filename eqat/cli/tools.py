@@ -113,7 +113,7 @@ def validate(
 
 
 @app.command(epilog="Examples:\n\n  eqat info\n\n  eqat info eqat-out/SmolLM2-135M-Instruct-w4g64-rtn")
-def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2."),
+def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint, Hugging Face folder or packaged model (gemma3-270m); default: the embedded SmolLM2."),
          json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout.")) -> None:
     """Describe a model folder or eqat checkpoint: architecture, valid group sizes, scheme, which
     export formats can hold it, and the registered quantization methods."""
@@ -131,6 +131,11 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
                   "heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads"),
                   "valid_group_sizes": {k: [g for g in (16, 32, 64, 128, 256) if k % g == 0] + [-1] for k in sizes},
                   "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+    from eqat.models.families import registered_families
+
+    fam = registered_families().get(cfg.get("model_type") or "")
+    desc["family"] = (None if fam is None else
+                      {"name": fam.name, "sites": [s.name for s in fam.sites], "notes": fam.notes})
     try:
         desc["coverage"] = folder_coverage(path)
     except (EqatInputError, ValueError, KeyError) as e:  # a config transformers cannot build: describe the rest
@@ -153,6 +158,10 @@ def info(model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hu
     out.print(f"[bold]{path}[/bold]")
     out.print(f"  model_type {desc['model_type']}, {desc['blocks']} blocks, hidden {desc['hidden_size']}, "
               f"intermediate {desc['intermediate_size']}, heads {desc['heads']}/{desc['kv_heads']}")
+    fam = desc["family"]
+    out.print(f"  family {fam['name']}: SmoothQuant/QLLM sites {', '.join(fam['sites']) or 'none'}"
+              f"{'; ' + fam['notes'] if fam['notes'] else ''}" if fam else
+              "  family: none for this model type (eqat refuses it; docs/extending.md)", highlight=False)
     for k, valid in desc["valid_group_sizes"].items():
         out.print(f"  in_features {k}: valid group sizes {valid}")
     if "eqat" in desc:

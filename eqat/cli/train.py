@@ -145,7 +145,7 @@ EVAL_FLAGS = flags_of(EvalOptions, "eval")
 
 def eval_cmd(
     config: Optional[str] = CONFIG,
-    model: Optional[str] = typer.Argument(None, help="eqat checkpoint or Hugging Face folder; default: the embedded SmolLM2."),
+    model: Optional[str] = typer.Argument(None, help="eqat checkpoint, Hugging Face folder or packaged model (gemma3-270m); default: the embedded SmolLM2."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     report: Optional[Path] = typer.Option(None, help="Also write the result as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

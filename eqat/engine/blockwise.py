@@ -52,13 +52,14 @@ from eqat.engine.selection import Best, HeldoutNLL, run_block
 from eqat.engine.state import check_fingerprint, damaged, load_state, save_state, storable
 from eqat.engine.streams import ActivationStream
 from eqat.errors import EqatError, EqatInputError
+from eqat.models.families import FamilySpec
 from eqat.models.arch import arch_for, block_linears, check_scheme, decoder_blocks, get_submodule, replace_module
 
 if TYPE_CHECKING:
     from eqat.methods.base import BlockwiseMethod, ParamGroup
 
 STATE = "state.json"
-KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: block 0's keyword arguments
+KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: the blocks' keyword arguments, by attention type
 MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
 
 
@@ -97,6 +98,7 @@ class BlockData:
     train: range  # the training windows (the held-out ones are for the engine's selection)
     run: Callable[[nn.Module, range], None]
     loss: Callable[[nn.Module, range], float]
+    family: FamilySpec  # the model's family: its sites and norm convention (eqat.models.families)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -144,17 +146,18 @@ class BlockwiseEngine:
         config.check()
         self.schemes = as_layer_schemes(scheme)
         check_scheme(model, self.schemes)
-        types = set(getattr(model.config, "layer_types", None) or [])
-        if len(types) > 1:
-            raise EqatInputError(f"{method.label} does not support models mixing attention types yet ({sorted(types)}).")
         self.model, self.method, self.config = model, method, config
         self.scheme = self.schemes.default
-        self.blocks_prefix = arch_for(model).blocks
+        self.family = arch_for(model)
+        self.blocks_prefix = self.family.blocks
         self.state_dir = Path(state_dir)
         self.device = torch.device(device)
         self.fingerprint = fingerprint or {}
         self.progress, self.on_block = progress, on_block
         self.blocks = decoder_blocks(model)
+        types = list(getattr(model.config, "layer_types", None) or [])
+        # the attention type of each block (Gemma 2/3: sliding or full); its mask and rotary differ
+        self.layer_types = types if len(types) == len(self.blocks) else ["all"] * len(self.blocks)
         self.act_dtype = parse_dtype(config.act_dtype)
         self.storage_dtype = parse_dtype(config.storage_dtype)
         self.records: list[BlockRecord] = []
@@ -165,21 +168,20 @@ class BlockwiseEngine:
 
     # ---- inputs of block 0 -------------------------------------------------------------
     @torch.no_grad()
-    def _capture(self, calib: torch.Tensor, stream: ActivationStream | None) -> dict[str, Any]:
-        """Fill `stream` with the inputs of block 0 (None: run one window only); return block 0's
-        keyword arguments."""
-        spec = arch_for(self.model)
+    def _capture(self, calib: torch.Tensor, stream: ActivationStream | None) -> dict[str, dict[str, Any]]:
+        """Fill `stream` with the inputs of block 0 (None: run one window only); return the keyword
+        arguments of the first block of each attention type, by type."""
+        spec = self.family
         front = [get_submodule(self.model, p) for p in (spec.embed, spec.rotary)]
         front = [m for m in front if m is not None]
         for m in front:
             m.to(self.device)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, dict[str, Any]] = {}
 
         def hook(_mod, args, kw):
             x = args[0] if args else kw["hidden_states"]
             hook.x = x
-            if not kwargs:
-                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+            kwargs.setdefault(self.layer_types[0], {k: v for k, v in kw.items() if k != "hidden_states"})
             raise _Stop
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -190,13 +192,45 @@ class BlockwiseEngine:
                 except _Stop:
                     if stream is not None:
                         stream[i] = hook.x[0].cpu()
+            handle.remove()
+            self._capture_other_types(calib[:1].to(self.device), kwargs)
         finally:
             handle.remove()
             for m in front:
                 m.to("cpu")
-        kwargs["past_key_values"] = None
-        kwargs["use_cache"] = False
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else _to(v, torch.device("cpu")) for k, v in kwargs.items()}
+        return {t: {**{k: v.cpu() if isinstance(v, torch.Tensor) else _to(v, torch.device("cpu")) for k, v in kw.items()},
+                    "past_key_values": None, "use_cache": False} for t, kw in kwargs.items()}
+
+    def _capture_other_types(self, ids: torch.Tensor, kwargs: dict[str, dict[str, Any]]) -> None:
+        """The keyword arguments of the first block of each type not in `kwargs`: one forward of `ids`
+        with the blocks up to the last of those swapped for recorders that pass their input on."""
+        first = {t: self.layer_types.index(t) for t in dict.fromkeys(self.layer_types) if t not in kwargs}
+        if not first:
+            return
+        last, originals = max(first.values()), list(self.blocks)
+        wanted = {i: t for t, i in first.items()}
+
+        class Recorder(nn.Module):
+            def __init__(self, i: int) -> None:
+                super().__init__()
+                self.i = i
+
+            def forward(self, hidden_states, **kw):
+                if self.i in wanted:
+                    kwargs[wanted[self.i]] = kw
+                if self.i == last:
+                    raise _Stop
+                return hidden_states
+
+        for i in range(last + 1):
+            self.blocks[i] = Recorder(i)
+        try:
+            self.model(ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for i in range(last + 1):
+                self.blocks[i] = originals[i]
 
     # ---- resume state --------------------------------------------------------------------
     def _paths(self, i: int) -> tuple[Path, Path]:
@@ -217,19 +251,26 @@ class BlockwiseEngine:
             raise damaged(path, "no next_block or records")
         return state
 
-    def _save_kwargs(self, kw: dict[str, Any]) -> None:
-        """Block 0's keyword arguments; those a resume state cannot hold are rebuilt on resume."""
-        keep = {k: v for k, v in kw.items() if storable(v)}
-        save_state(self.state_dir, KWARGS, self.fingerprint, {"kwargs": keep, "rebuild": sorted(set(kw) - set(keep))})
+    def _save_kwargs(self, kw: dict[str, dict[str, Any]]) -> None:
+        """The blocks' keyword arguments by type; those a resume state cannot hold are rebuilt on resume."""
+        keep = {t: {k: v for k, v in a.items() if storable(v)} for t, a in kw.items()}
+        rebuild = {t: sorted(set(a) - set(keep[t])) for t, a in kw.items()}
+        save_state(self.state_dir, KWARGS, self.fingerprint, {"kwargs": keep, "rebuild": rebuild})
 
     def _load_kwargs(self, calib: torch.Tensor) -> dict[str, Any]:
         saved = load_state(self.state_dir, KWARGS, self.fingerprint, "an unfinished run")
         if saved is None:
             raise damaged(self.state_dir / f"{KWARGS}.json", "the file is missing")
-        kw = saved["kwargs"]
-        if saved["rebuild"]:
+        kw, rebuild = saved["kwargs"], saved["rebuild"]
+        if isinstance(rebuild, list):  # written before kwargs were kept per attention type
+            kw, rebuild = {self.layer_types[0]: kw}, {self.layer_types[0]: rebuild}
+        if set(kw) != set(self.layer_types):
+            raise damaged(self.state_dir / f"{KWARGS}.json", f"it holds block arguments for {sorted(kw)}, and the "
+                          f"model's attention types are {sorted(set(self.layer_types))}")
+        if any(rebuild.values()):
             fresh = self._capture(calib, None)
-            kw.update({k: fresh[k] for k in saved["rebuild"]})
+            for t, names in rebuild.items():
+                kw[t].update({k: fresh[t][k] for k in names})
         return kw
 
     def _write_state(self, next_block: int, shape: tuple[int, int, int]) -> None:
@@ -359,7 +400,7 @@ class BlockwiseEngine:
         val = range(n_train, n) if n > n_train else range(0, n_train)
         precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
         data = BlockData(range(0, n_train), lambda b, rows: self._run_rows(b, xq, rows, kw),
-                         lambda b, rows: self._loss(b, xq, yfp, rows, kw))
+                         lambda b, rows: self._loss(b, xq, yfp, rows, kw), self.family)
         calibration = self.method.calibrate_block(block, data, self._block_schemes(i), cfg)
         backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         guard = NonFiniteGuard(f"{self.method.label} block {i}")
@@ -410,11 +451,12 @@ class BlockwiseEngine:
         """--keep-best-by nll: the next-token loss of windows `rows` with `block` as block i."""
         if self._scorer is None:
             norm, head = self._final_norm_and_head()
-            self._scorer = HeldoutNLL(self.blocks, norm, head, self._calib, kw, self.device, self.config.batch_size)
+            self._scorer = HeldoutNLL(self.blocks, norm, head, self._calib, self._kwargs, self.device,
+                                      self.config.batch_size, getattr(self.model.config, "final_logit_softcapping", None))
         return self._scorer(i, block, xs, rows)
 
     def _final_norm_and_head(self) -> tuple[nn.Module, nn.Module]:
-        spec = arch_for(self.model)
+        spec = self.family
         norm, head = get_submodule(self.model, spec.final_norm), get_submodule(self.model, spec.lm_head)
         if norm is None or head is None:
             raise EqatInputError(f"--keep-best-by nll needs the final norm '{spec.final_norm}' and the LM head "
@@ -466,11 +508,11 @@ class BlockwiseEngine:
                 self._load_block(j)
             kw = self._load_kwargs(calib)
             xfp, xq = (self._open_stream(p, (n, t, h)) for p in self._paths(start))
-        kw = {k: _to(v, self.device) for k, v in kw.items()}
+        self._kwargs = [{k: _to(v, self.device) for k, v in kw[t].items()} for t in self.layer_types]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for i in range(start, len(self.blocks)):
-            xfp_next, xq_next = self._block(i, xfp, xq, kw, n_train)
+            xfp_next, xq_next = self._block(i, xfp, xq, self._kwargs[i], n_train)
             self._save_block(i)
             xfp_next.save()
             xq_next.save()

@@ -52,23 +52,26 @@ class HeldoutNLL:
     calibration set) with a candidate for block `i` fed `xs[rows]` (its quantized-stream inputs,
     [n, T, hidden]) and followed by `rest[i+1:]`, `norm` and `head` in full precision. Blocks after
     `i` are moved to `device` one at a time and back, so only one extra block is on it at once.
-    The model's own logit post-processing (e.g. soft-capping) is not applied."""
+    `kwargs[j]` are block j's keyword arguments (its attention type's mask and rotary); logits are
+    soft-capped as the model does (Gemma 2: `softcap * tanh(logits / softcap)`) when `softcap` is set."""
 
     def __init__(self, rest: Sequence[nn.Module], norm: nn.Module, head: nn.Module, ids: torch.Tensor,
-                 kwargs: dict[str, Any], device: torch.device, batch_size: int) -> None:
+                 kwargs: Sequence[dict[str, Any]], device: torch.device, batch_size: int,
+                 softcap: float | None = None) -> None:
         self.rest, self.norm, self.head, self.ids = rest, norm, head, ids
-        self.kwargs, self.device, self.batch_size = kwargs, device, batch_size
+        self.kwargs, self.device, self.batch_size, self.softcap = kwargs, device, batch_size, softcap
 
-    def _batched(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([run_block(block, h[s : s + self.batch_size], self.kwargs)
+    def _batched(self, j: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run_block(block, h[s : s + self.batch_size], self.kwargs[j])
                           for s in range(0, h.shape[0], self.batch_size)])
 
     @torch.no_grad()
     def __call__(self, i: int, block: nn.Module, xs, rows: range) -> float:
-        h = self._batched(block, xs[rows.start : rows.stop].to(self.device, torch.float32))
-        for later in self.rest[i + 1 :]:
+        h = self._batched(i, block, xs[rows.start : rows.stop].to(self.device, torch.float32))
+        for j in range(i + 1, len(self.rest)):
+            later = self.rest[j]
             later.to(self.device)
-            h = self._batched(later, h)
+            h = self._batched(j, later, h)
             if self.device.type != "cpu":
                 later.to("cpu")
         self.norm.to(self.device), self.head.to(self.device)
@@ -76,6 +79,8 @@ class HeldoutNLL:
         total = 0.0
         for s in range(0, h.shape[0], self.batch_size):
             logits = self.head(self.norm(h[s : s + self.batch_size])).float()
+            if self.softcap:
+                logits = self.softcap * torch.tanh(logits / self.softcap)
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[s : s + self.batch_size, 1:].flatten(),
                                            reduction="sum"))
         if self.device.type != "cpu":

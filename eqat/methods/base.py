@@ -63,6 +63,10 @@ class Method:
         """Before any work or write: refuse (EqatInputError) layers the method cannot train.
         shapes: name -> (out, in) of every layer it will see; schemes: every scheme a layer may get."""
 
+    def check_model(self, model: Any, cfg: Any) -> None:
+        """Before any work or write: refuse (EqatInputError) a model the method cannot run on, e.g.
+        a family without the norm -> linear sites SmoothQuant needs (eqat.models.families)."""
+
     def describe(self, cfg: Any, scheme: SchemeLike) -> dict[str, Any]:
         """Extra facts for the method's report section (e.g. the learning rates it chose)."""
         return {}

@@ -10,51 +10,43 @@ through act(gate) * up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from eqat.errors import EqatInputError
+from eqat.models.families import FamilySpec, Site
+
+__all__ = ["Site", "block_sites", "check_sites", "attention_heads", "o_to_v_channels", "InputStats", "collect_inputs"]
 
 
-@dataclass(frozen=True)
-class Site:
-    name: str  # how reports name it: "qkv", "gate_up", "o", "down"
-    source: str  # the module that produces the input (a norm or a linear), inside the block
-    linears: tuple[str, ...]  # the linears reading it, inside the block
-
-    @property
-    def source_is_norm(self) -> bool:
-        return self.source.endswith("layernorm")
-
-
-# Llama, Mistral, Qwen2/3, SmolLM: the layout every Llama-like block of transformers shares
-LLAMA_SITES = (
-    Site("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Site("o", "self_attn.v_proj", ("self_attn.o_proj",)),
-    Site("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Site("down", "mlp.up_proj", ("mlp.down_proj",)),
-)
-
-
-def block_sites(block: nn.Module, method: str, sites: tuple[Site, ...] = LLAMA_SITES) -> tuple[Site, ...]:
-    """`sites`, checked against `block` (EqatInputError naming what is missing): every source and
-    linear exists, and the norms are plain RMSNorms (Gemma's (1 + w) norms would need another fold)."""
-    for site in sites:
+def block_sites(block: nn.Module, method: str, family: FamilySpec) -> tuple[Site, ...]:
+    """`family`'s sites, checked against `block` (EqatInputError naming what is missing): every
+    source and linear exists, and each norm source has a weight to fold a scale into."""
+    if not family.sites:
+        raise EqatInputError(f"{method} needs the norm -> linear layout of a block, and the {family.name} family spec "
+                             f"declares none ({family.notes or 'no sites'}); use rtn or block-ap for this model.")
+    for site in family.sites:
         for name in (site.source, *site.linears):
+            if name is None:
+                continue
             try:
                 module = block.get_submodule(name)
             except AttributeError:
-                raise EqatInputError(f"{method} knows Llama-like blocks (input_layernorm, self_attn.q/k/v/o_proj, "
-                                     f"post_attention_layernorm, mlp.gate/up/down_proj) and this block has no '{name}'; "
-                                     "use rtn or block-ap for this model.") from None
-            if name == site.source and site.source_is_norm:
-                kind = type(module).__name__
-                if "Gemma" in kind or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                    raise EqatInputError(f"{method} folds scales into RMSNorm weights (y = x_hat * w); '{name}' is a "
-                                         f"{kind}, which it cannot fold into; use rtn or block-ap for this model.")
-    return sites
+                raise EqatInputError(f"{method}: the {family.name} family spec puts '{name}' in every block, and this "
+                                     f"block ({type(block).__name__}) has none; its layout differs from the one "
+                                     "transformers builds for that model type.") from None
+            if name == site.source and site.source_is_norm and not isinstance(getattr(module, "weight", None), torch.Tensor):
+                raise EqatInputError(f"{method} folds scales into norm weights, and '{name}' ({type(module).__name__}) "
+                                     "has none; use rtn or block-ap for this model.")
+    return family.sites
+
+
+def check_sites(model: nn.Module, method: str) -> None:
+    """`block_sites` on the first decoder block of `model`: a method's check before any work."""
+    from eqat.models.arch import arch_for
+
+    spec = arch_for(model)
+    block_sites(model.get_submodule(spec.blocks)[0], method, spec)
 
 
 def attention_heads(block: nn.Module) -> tuple[int, int, int]:

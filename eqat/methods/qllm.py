@@ -37,7 +37,7 @@ from eqat.engine.config import BlockwiseConfig, check_lr
 from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, register_method
 from eqat.methods.block_ap import LOSSES, recon_loss
-from eqat.methods.calibration import block_sites, collect_inputs
+from eqat.methods.calibration import block_sites, check_sites, collect_inputs
 from eqat.methods.qllm_channels import reassembly_at, smallest_theta, theta_candidates
 from eqat.models.arch import block_linears, replace_module
 
@@ -167,11 +167,15 @@ class QLLM(BlockwiseMethod):
             replace_module(block, name, QLLMLinear(lin, schemes(name), storage).to(lin.weight.device))
         return _qllm_linears(block)
 
+    def check_model(self, model: nn.Module, cfg: QLLMConfig) -> None:
+        if cfg.reassembly:  # the low-rank tuning alone needs no sites
+            check_sites(model, self.label)
+
     def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: QLLMConfig) -> dict[str, Any]:
         self._wrap(block, scheme, cfg)
         if not cfg.reassembly:
             return {}
-        sites = [s for s in block_sites(block, self.label) if s.name != "o"]  # the paper's three inputs
+        sites = [s for s in block_sites(block, self.label, data.family) if s.name != "o"]  # the paper's three inputs
         search = range(data.train.start, min(data.train.start + cfg.search_samples, data.train.stop))
         return {site.name: self._reassemble_site(block, site, data, search, cfg) for site in sites}
 

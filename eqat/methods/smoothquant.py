@@ -30,7 +30,7 @@ from eqat.engine.config import BlockwiseConfig
 from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, register_method
 from eqat.methods.block_ap import recon_loss
-from eqat.methods.calibration import LLAMA_SITES, Site, block_sites, collect_inputs, o_to_v_channels
+from eqat.methods.calibration import Site, block_sites, check_sites, collect_inputs, o_to_v_channels
 from eqat.methods.fakequant import freeze_block, wrap_block
 
 
@@ -42,17 +42,20 @@ def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: fl
 
 
 @torch.no_grad()
-def smooth_site(block: nn.Module, site: Site, act_max: torch.Tensor, alpha: float) -> dict[str, float]:
+def smooth_site(block: nn.Module, site: Site, act_max: torch.Tensor, alpha: float,
+                norm_offset: float = 0.0) -> dict[str, float]:
     """Migrate site's input scale into its weights, in place, given its input's per-channel maxima
-    `act_max` [K]; returns the largest input maximum before and after."""
+    `act_max` [K]; returns the largest input maximum before and after. A norm source computes
+    x_hat * (norm_offset + w) (Gemma: 1 + w), so w' = (norm_offset + w) / s - norm_offset."""
     linears = [block.get_submodule(n) for n in site.linears]
     weight_max = torch.stack([lin.weight.abs().amax(0).float() for lin in linears]).amax(0)  # [K]
     source = block.get_submodule(site.source)
     if site.source_is_norm:
         s = smoothing_factors(act_max, weight_max, alpha)
-        source.weight.div_(s.to(source.weight.dtype))
+        w = source.weight
+        w.copy_(((norm_offset + w.float()) / s - norm_offset).to(w.dtype))
     else:
-        if site.name == "o":  # pool the o channels of each v channel (GQA), one factor per v channel
+        if site.rows == "o_to_v":  # pool the o channels of each v channel (GQA), one factor per v channel
             to_v = o_to_v_channels(block)
             width = source.out_features
             pooled_a = torch.zeros(width).scatter_reduce(0, to_v, act_max.float(), "amax")
@@ -90,10 +93,14 @@ class SmoothQuant(BlockwiseMethod):
     quantizes_activations = True
     summary = "SmoothQuant: activation outliers migrated into the weights (folded into norms, v_proj, up_proj), then RTN"
 
+    def check_model(self, model: nn.Module, cfg: SmoothQuantConfig) -> None:
+        check_sites(model, self.label)
+
     def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: SmoothQuantConfig) -> dict[str, Any]:
-        sites = block_sites(block, self.label)
+        sites = [s for s in block_sites(block, self.label, data.family) if s.source is not None]
         stats = collect_inputs(block, [s.linears[0] for s in sites], data.run, data.train)
-        return {site.name: smooth_site(block, site, stats[site.linears[0]].absmax.cpu(), cfg.alpha) for site in sites}
+        return {site.name: smooth_site(block, site, stats[site.linears[0]].absmax.cpu(), cfg.alpha,
+                                       data.family.norm_offset) for site in sites}
 
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: SmoothQuantConfig) -> list[ParamGroup]:
         wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))  # RTN initialised; nothing trains
@@ -106,4 +113,4 @@ class SmoothQuant(BlockwiseMethod):
         freeze_block(block, dtype)
 
     def describe(self, cfg: SmoothQuantConfig, scheme: SchemeLike) -> dict[str, Any]:
-        return {"alpha": cfg.alpha, "sites": [s.name for s in LLAMA_SITES]}
+        return {"alpha": cfg.alpha}

@@ -1,35 +1,16 @@
-"""Where the parts of a decoder-only causal LM are, described as data.
-
-An `ArchSpec` names, as dotted paths from the top module, the token embedding, the list of
-decoder blocks, the final norm, the rotary embedding (if the model computes it once for
-all blocks) and the LM head. Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 share one spec;
-for other families `arch_for` discovers the block list from `config.num_hidden_layers`.
+"""Where the parts of a decoder-only causal LM are: the family spec of its model type
+(`eqat.models.families`), and the linears eqat quantizes inside its decoder blocks.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from typing import Any
 
 from torch import nn
 
-from eqat.errors import EqatInputError
+from eqat.models.families import FamilySpec, family_for
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    blocks: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    rotary: str | None = "model.rotary_emb"
-    lm_head: str = "lm_head"
-
-
-LLAMA_LIKE = ArchSpec()
-KNOWN_ARCHS: dict[str, ArchSpec] = {
-    name: LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite")
-}
+ArchSpec = FamilySpec  # the name earlier releases used
 
 
 def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
@@ -41,36 +22,9 @@ def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
         return None
 
 
-def _discover_blocks(model: nn.Module) -> str:
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [
-        name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len(m) == n_layers
-    ]
-    if len(candidates) != 1:
-        raise EqatInputError(
-            f"cannot find the decoder blocks of {type(model).__name__}: expected one ModuleList of "
-            f"num_hidden_layers={n_layers} modules, found {candidates or 'none'}. "
-            "Add an ArchSpec for this model type to eqat.models.arch.KNOWN_ARCHS."
-        )
-    return candidates[0]
-
-
-def arch_for(model: nn.Module) -> ArchSpec:
-    """The spec of `model`: a known family, or one discovered from its config."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = KNOWN_ARCHS.get(model_type or "")
-    if spec is not None and get_submodule(model, spec.blocks) is not None:
-        return spec
-    blocks = _discover_blocks(model)
-    prefix = blocks.rsplit(".", 1)[0] + "." if "." in blocks else ""
-    rotary = prefix + "rotary_emb"
-    return ArchSpec(
-        blocks=blocks,
-        embed=prefix + "embed_tokens",
-        final_norm=prefix + "norm",
-        rotary=rotary if get_submodule(model, rotary) is not None else None,
-        lm_head="lm_head",
-    )
+def arch_for(model: nn.Module) -> FamilySpec:
+    """The family spec of `model` (EqatInputError for a model type eqat has no spec for)."""
+    return family_for(model)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -84,10 +38,10 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every Linear inside the decoder blocks, by full module name (the LM head is left out)."""
-    prefix = arch_for(model).blocks
-    return {
-        f"{prefix}.{i}.{name}": lin for i, block in enumerate(decoder_blocks(model)) for name, lin in block_linears(block).items()
-    }
+    spec = arch_for(model)
+    blocks = model.get_submodule(spec.blocks)
+    return {f"{spec.blocks}.{i}.{name}": lin for i, block in enumerate(blocks)
+            for name, lin in block_linears(block).items()}
 
 
 def check_scheme(model: nn.Module, scheme: Any) -> dict[str, nn.Linear]:

@@ -59,7 +59,7 @@ def test_heldout_nll_is_the_cross_entropy_of_block_rest_norm_head():
     ids = torch.randint(0, v, (n, t))
     xs = torch.randn(n, t, h)
     rows = range(2, 5)
-    score = HeldoutNLL(blocks, norm, head, ids, {}, torch.device("cpu"), batch_size=2)
+    score = HeldoutNLL(blocks, norm, head, ids, [{}] * 3, torch.device("cpu"), batch_size=2)
     candidate = Affine(torch.randn(h, h))
     with torch.no_grad():
         hidden = xs[2:5] @ candidate.w @ blocks[2].w  # candidate for block 1, then block 2
@@ -70,3 +70,9 @@ def test_heldout_nll_is_the_cross_entropy_of_block_rest_norm_head():
         ref_last = nn.functional.cross_entropy(head(norm(xs[2:5] @ candidate.w))[:, :-1].flatten(0, 1),
                                                ids[2:5, 1:].flatten())
     assert math.isclose(score(2, candidate, xs, rows), float(ref_last), rel_tol=1e-5)
+    capped = HeldoutNLL(blocks, norm, head, ids, [{}] * 3, torch.device("cpu"), batch_size=2, softcap=0.5)
+    with torch.no_grad():  # Gemma 2's final soft-capping: 0.5 * tanh(logits / 0.5)
+        logits = 0.5 * torch.tanh(head(norm(xs[2:5] @ candidate.w)) / 0.5)
+        ref_capped = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[2:5, 1:].flatten())
+    assert math.isclose(capped(2, candidate, xs, rows), float(ref_capped), rel_tol=1e-5)
+    assert not math.isclose(float(ref_capped), float(ref_last), rel_tol=1e-3)

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from eqat.models.arch import arch_for
+
 from eqat.core.qlinear import QuantLinear
 from eqat.core.reassembly import check_reassembly, reassemble, reassemble_weight
 from eqat.core.scheme import ActScheme, QuantScheme
@@ -97,7 +99,7 @@ def test_block_output_unchanged_by_reassembly_without_quantization():
 
     with torch.no_grad():
         ref = run(block, None)
-    data = SimpleNamespace(train=range(0, 1), run=run, loss=None)
+    data = SimpleNamespace(train=range(0, 1), run=run, loss=None, family=arch_for(model))
     cfg = QLLMConfig(theta="budget", budget=0.1)
     method = QLLM()
     facts = method.calibrate_block(block, data, QuantScheme(4, -1, act=ActScheme(4)), cfg)

@@ -9,16 +9,18 @@ import json
 import pytest
 import torch
 
-from eqat.methods.calibration import LLAMA_SITES, collect_inputs, o_to_v_channels
+from eqat.methods.calibration import collect_inputs, o_to_v_channels
 from eqat.methods.smoothquant import smooth_site, smoothing_factors
-from tests.conftest import FAMILIES, tiny_model
+from eqat.models.arch import arch_for
+from tests.conftest import FAMILIES, OTHER_FAMILIES, tiny_model
 
 SMALL = ["--nsamples", "6", "--val-samples", "2", "--calib-seqlen", "32", "--no-eval", "-q", "--seed", "0"]
 
 
 def _block_runner(model, hidden):
     pos = torch.arange(hidden.shape[1])[None]
-    emb = model.model.rotary_emb(hidden, pos)
+    types = getattr(model.config, "layer_types", None)
+    emb = model.model.rotary_emb(hidden, pos, *([types[0]] if types and model.config.model_type == "gemma3_text" else []))
 
     def run(block, rows=None):
         out = block(hidden, position_embeddings=emb, attention_mask=None)
@@ -27,21 +29,28 @@ def _block_runner(model, hidden):
     return run
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + tuple(f for f in OTHER_FAMILIES if f != "olmo2"))
 def test_migration_keeps_the_block_function_and_shrinks_outliers(family):
     model = tiny_model(family)
+    spec = arch_for(model)
+    sites = [s for s in spec.sites if s.source is not None]
     block = model.model.layers[0]
+    with torch.no_grad():  # norm weights away from their init, so a wrong (1 + w) fold would show
+        for name, p in block.named_parameters():
+            if "layernorm" in name:
+                p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
     hidden = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
     hidden[..., 5] *= 40  # an outlier channel, as real LLMs have
     run = _block_runner(model, hidden)
     with torch.no_grad():
         ref = run(block)
-        stats = collect_inputs(block, [s.linears[0] for s in LLAMA_SITES], run, range(0))
-        facts = {s.name: smooth_site(block, s, stats[s.linears[0]].absmax, 0.5) for s in LLAMA_SITES}
+        stats = collect_inputs(block, [s.linears[0] for s in sites], run, range(0))
+        facts = {s.name: smooth_site(block, s, stats[s.linears[0]].absmax, 0.5, spec.norm_offset) for s in sites}
         out = run(block)
-        after = collect_inputs(block, ["self_attn.q_proj"], run, range(0))["self_attn.q_proj"].absmax
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert facts["qkv"]["act_max_after"] < facts["qkv"]["act_max_before"] / 3
+    first = sites[0].linears[0]
+    after = collect_inputs(block, [first], run, range(0))[first].absmax
     torch.testing.assert_close(after.max(), torch.tensor(facts["qkv"]["act_max_after"]), rtol=1e-4, atol=0)
 
 

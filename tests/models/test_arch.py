@@ -1,38 +1,35 @@
-import pytest
-from torch import nn
+from tests.conftest import FAMILIES, OTHER_FAMILIES, tiny_model
+from eqat.models.arch import arch_for, block_linears, decoder_blocks, quantizable_linears
+from eqat.models.families.llama import LLAMA
 
-from tests.conftest import FAMILIES, tiny_model
-from eqat.models.arch import ArchSpec, arch_for, block_linears, decoder_blocks, quantizable_linears
-from eqat.errors import EqatInputError
+import pytest
+
+LLAMA_LINEARS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_known_families(family):
+def test_llama_like_families(family):
     model = tiny_model(family)
-    spec = arch_for(model)
-    assert spec == ArchSpec()
+    assert arch_for(model) is LLAMA
     assert len(decoder_blocks(model)) == 2
-    names = set(block_linears(decoder_blocks(model)[0]))
-    assert names == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert set(block_linears(decoder_blocks(model)[0])) == LLAMA_LINEARS
     lin = quantizable_linears(model)
     assert len(lin) == 14 and "lm_head" not in lin
     if family == "qwen2":
         assert lin["model.layers.0.self_attn.q_proj"].bias is not None
 
 
-def test_unknown_family_is_discovered():
-    model = tiny_model("llama")
-    model.config.model_type = "somethingnew"
-    assert arch_for(model).blocks == "model.layers"
-
-
-def test_undiscoverable_model_is_a_clear_error():
-    class Weird(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = type("C", (), {"num_hidden_layers": 3, "model_type": "weird"})()
-            self.a = nn.ModuleList([nn.Linear(2, 2)])
-
-    with pytest.raises(EqatInputError, match="decoder blocks"):
-        arch_for(Weird())
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_other_families_quantize_every_block_linear(family):
+    model = tiny_model(family)
+    spec = arch_for(model)
+    assert model.config.model_type in spec.model_types
+    names = set(block_linears(decoder_blocks(model)[0]))
+    want = ({"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"} if family == "phi3"
+            else LLAMA_LINEARS)
+    assert names == want
+    assert len(quantizable_linears(model)) == 2 * len(want)
+    for site in spec.sites:  # every site the spec declares is in the block
+        for name in (site.source, *site.linears):
+            assert name is None or decoder_blocks(model)[0].get_submodule(name) is not None
