@@ -43,6 +43,7 @@ def test_rtn_checkpoint_computes_nearly_the_models_logits_at_8_bits(family, cli,
 def test_trained_and_weight_activation_methods_run(family, cli, tiny_model_dir, tmp_path, text_file):
     src = tiny_model_dir(family)
     runs = {"block-ap+e2e-qp": ["--scheme", "w4g16", *E2E_ARGS, "--e2e-data", str(text_file)],
+            "lr-qat": ["--scheme", "w4g16", *E2E_ARGS, "--e2e-data", str(text_file), "--lr-qat-rank", "4"],
             "smoothquant": ["--scheme", "w8g16a8"], "qllm": ["--scheme", "w4g16a8", "--qllm-theta", "budget"]}
     for method, flags in runs.items():
         model = _quantize(cli, src, tmp_path / method, method, *flags)
