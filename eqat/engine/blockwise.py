@@ -198,8 +198,10 @@ class BlockwiseEngine:
             handle.remove()
             for m in front:
                 m.to("cpu")
+        # no cache: recent transformers name it `cache` and warn when `past_key_values` is passed as well
         return {t: {**{k: v.cpu() if isinstance(v, torch.Tensor) else _to(v, torch.device("cpu")) for k, v in kw.items()},
-                    "past_key_values": None, "use_cache": False} for t, kw in kwargs.items()}
+                    ("cache" if "cache" in kw else "past_key_values"): None, "use_cache": False}
+                for t, kw in kwargs.items()}
 
     def _capture_other_types(self, ids: torch.Tensor, kwargs: dict[str, dict[str, Any]]) -> None:
         """The keyword arguments of the first block of each type not in `kwargs`: one forward of `ids`
