@@ -6,7 +6,7 @@ embedding, which the block-wise engine takes per type. Gemma 2 soft-caps attenti
 the final logits (`config.final_logit_softcapping`); activations exceed float16's range, so
 streams stay bfloat16 or float32 (the engine's default is bfloat16)."""
 
-from eqat.models.families import FamilySpec, Site, register_family
+from eqat.models.families.spec import FamilySpec, Site, register_family
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _O = Site("o", "self_attn.v_proj", ("self_attn.o_proj",), rows="o_to_v")

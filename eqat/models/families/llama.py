@@ -2,7 +2,7 @@
 Qwen3 (q/k norms), SmolLM3, Granite. Blocks `model.layers`, attention
 `self_attn.{q,k,v,o}_proj`, gated MLP `mlp.{gate,up,down}_proj`, RMSNorm y = x_hat * w."""
 
-from eqat.models.families import FamilySpec, Site, register_family
+from eqat.models.families.spec import FamilySpec, Site, register_family
 
 LLAMA_SITES = (
     Site("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

@@ -3,7 +3,7 @@
 `down_proj` [E, H, I], not nn.Linear). eqat quantizes the attention linears; the experts stay in
 full precision, which the coverage check reports and refuses unless --allow-unquantized."""
 
-from eqat.models.families import FamilySpec, Site, register_family
+from eqat.models.families.spec import FamilySpec, Site, register_family
 from eqat.models.families.llama import LLAMA_SITES
 
 ATTENTION_SITES: tuple[Site, ...] = tuple(s for s in LLAMA_SITES if s.name in ("qkv", "o"))

@@ -2,7 +2,7 @@
 `mlp.gate`, fused 3-D experts). The experts stay in full precision for now (the coverage check
 refuses unless --allow-unquantized)."""
 
-from eqat.models.families import FamilySpec, register_family
+from eqat.models.families.spec import FamilySpec, register_family
 from eqat.models.families.mixtral import ATTENTION_SITES
 
 OLMOE = register_family(FamilySpec(name="olmoe", model_types=("olmoe",), sites=ATTENTION_SITES,

@@ -4,7 +4,7 @@ linear as one layer, which is how transformers and vLLM hold them. o_proj reads 
 qkv_proj and down_proj the up half of gate_up_proj, so no module absorbs a scale one to one:
 SmoothQuant migrates at the two norms only; QLLM's reassembly applies at all three inputs."""
 
-from eqat.models.families import FamilySpec, Site, register_family
+from eqat.models.families.spec import FamilySpec, Site, register_family
 
 PHI3 = register_family(FamilySpec(
     name="phi3", model_types=("phi3",),

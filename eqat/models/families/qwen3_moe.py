@@ -3,7 +3,7 @@
 (nn.Linear, quantized). The experts stay in full precision for now (the coverage check refuses
 unless --allow-unquantized)."""
 
-from eqat.models.families import FamilySpec, register_family
+from eqat.models.families.spec import FamilySpec, register_family
 from eqat.models.families.mixtral import ATTENTION_SITES
 
 QWEN3_MOE = register_family(FamilySpec(name="qwen3_moe", model_types=("qwen3_moe",), sites=ATTENTION_SITES,
