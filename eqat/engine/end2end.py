@@ -121,12 +121,15 @@ class EndToEndEngine:
     def __init__(self, model: nn.Module, method: "EndToEndMethod", config: EndToEndConfig, state_dir: str | Path,
                  device: str | torch.device = "cpu", fingerprint: dict[str, Any] | None = None,
                  progress: bool = True) -> None:
-        from eqat.methods.base import check_activations  # methods import the engines
-
         config.check()
         qmods = quantized_modules(model).values()
         start = getattr(method, "schemes", None)  # LayerSchemes of a method that starts from full precision
-        check_activations(method, [m.scheme for m in qmods] + ([start.default, *start.layers.values()] if start else []))
+        act = sorted({s.name for s in [m.scheme for m in qmods] + ([start.default, *start.layers.values()] if start else [])
+                      if s.act is not None})
+        if act and not method.quantizes_activations:  # the pipeline refuses this too, naming the methods that can
+            raise EqatInputError(f"{method.name} trains weight-only quantization, and the scheme {act[0]} quantizes "
+                                 "activations; train it with a method for weight-activation schemes (eqat info lists "
+                                 "them), e.g. e2e-qp.")
         if not qmods and not method.from_full_precision:
             raise EqatInputError(f"the model has no quantized linears; {method.name} trains an eqat checkpoint "
                                  "(run `eqat quantize` first).")
