@@ -104,7 +104,7 @@ def markdown(results: dict) -> str:
           f"windows x {s['seqlen']} tokens", "",
           "Each row: `eqat quantize --method M --scheme S --no-eval` in its own process (its wall time), evaluated "
           "by eqat's forward with per-token dynamic activation quantization (benchmarks/wa_quality.py).", "",
-          "Times compare only within one CPU (the `cpu` column; AVX2-only machines run about 3x slower).", "",
+          "Times compare only within one CPU (the `cpu` column; AVX2-only machines run 2-3x slower).", "",
           "| scheme | method | perplexity | gap to FP | time (s) | cpu |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
         gap = f"{r['ppl'] - fp:+.2f}" if fp is not None and r["method"] != "fp" else ""
