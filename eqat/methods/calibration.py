@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from eqat.errors import EqatInputError
+from eqat.models.arch import arch_for, decoder_blocks
 from eqat.models.families import FamilySpec, Site
 
 __all__ = ["Site", "block_sites", "check_sites", "attention_heads", "o_to_v_channels", "InputStats", "collect_inputs"]
@@ -43,10 +44,7 @@ def block_sites(block: nn.Module, method: str, family: FamilySpec) -> tuple[Site
 
 def check_sites(model: nn.Module, method: str) -> None:
     """`block_sites` on the first decoder block of `model`: a method's check before any work."""
-    from eqat.models.arch import arch_for
-
-    spec = arch_for(model)
-    block_sites(model.get_submodule(spec.blocks)[0], method, spec)
+    block_sites(decoder_blocks(model)[0], method, arch_for(model))
 
 
 def attention_heads(block: nn.Module) -> tuple[int, int, int]:

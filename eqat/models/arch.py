@@ -10,9 +10,6 @@ from torch import nn
 
 from eqat.models.families import FamilySpec, family_for
 
-ArchSpec = FamilySpec  # the name earlier releases used
-
-
 def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
     if path is None:
         return None

@@ -63,7 +63,7 @@ def _wheel_name(requirement: str) -> str:
 
 
 def _find_wheel(wheels: Path, requirement: str) -> Path | None:
-    name, _, version = requirement.partition("==")
+    version = requirement.partition("==")[2]
     found = sorted(wheels.glob(f"{_wheel_name(requirement)}-{version or '*'}-*.whl"))
     return found[-1] if found else None
 
