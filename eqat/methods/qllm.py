@@ -38,6 +38,7 @@ from eqat.errors import EqatInputError
 from eqat.methods.base import BlockwiseMethod, ParamGroup, register_method
 from eqat.methods.block_ap import LOSSES, recon_loss
 from eqat.methods.calibration import block_sites, check_sites, collect_inputs
+from eqat.methods.smoothquant import smooth_block
 from eqat.methods.qllm_channels import reassembly_at, smallest_theta, theta_candidates
 from eqat.models.arch import block_linears, replace_module
 
@@ -131,6 +132,9 @@ class QLLMConfig(BlockwiseConfig):
     rank: int = option(4, "LoRA rank of the low-rank tuning (0: no tuning).", param="qllm_rank")
     lr: float = option(1e-3, "Learning rate of the LoRA factors.", param="qllm_lr")
     lr_norm: float = option(1e-4, "Learning rate of the norm weights (0: frozen).", param="qllm_lr_norm")
+    smooth_alpha: float = option(0.0, "SmoothQuant's migration (this alpha) at every site before the reassembly "
+                                      "and tuning; 0: none, the paper's QLLM (docs/qllm.md).",
+                                 param="qllm_smooth_alpha")
     loss: str = option("mse", "Block loss of the threshold search and the tuning: mse (the paper), or relative, sink, "
                               "clamp (Block-AP's, which keep a massive-activation token from owning it; docs/block-ap.md).",
                        param="qllm_loss")
@@ -144,6 +148,8 @@ class QLLMConfig(BlockwiseConfig):
             raise EqatInputError(f"--qllm-theta must be search or budget, got '{self.theta}'.")
         if self.loss not in LOSSES:
             raise EqatInputError(f"--qllm-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
+        if not (isinstance(self.smooth_alpha, (int, float)) and 0 <= self.smooth_alpha <= 1):
+            raise EqatInputError(f"--qllm-smooth-alpha must be in [0, 1] (0: no smoothing), got {self.smooth_alpha!r}.")
         if self.candidates < 1 or self.search_samples < 1 or self.rank < 0:
             raise EqatInputError("need --qllm-candidates >= 1, --qllm-search-samples >= 1 and --qllm-rank >= 0.")
         check_lr("--qllm-lr", self.lr, "docs/qllm.md")
@@ -168,16 +174,17 @@ class QLLM(BlockwiseMethod):
         return _qllm_linears(block)
 
     def check_model(self, model: nn.Module, cfg: QLLMConfig) -> None:
-        if cfg.reassembly:  # the low-rank tuning alone needs no sites
+        if cfg.reassembly or cfg.smooth_alpha > 0:  # the low-rank tuning alone needs no sites
             check_sites(model, self.label)
 
     def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: QLLMConfig) -> dict[str, Any]:
+        smoothed = {"smoothing": smooth_block(block, data, cfg.smooth_alpha)} if cfg.smooth_alpha > 0 else {}
         self._wrap(block, scheme, cfg)
         if not cfg.reassembly:
-            return {}
+            return smoothed
         sites = [s for s in block_sites(block, self.label, data.family) if s.name != "o"]  # the paper's three inputs
         search = range(data.train.start, min(data.train.start + cfg.search_samples, data.train.stop))
-        return {site.name: self._reassemble_site(block, site, data, search, cfg) for site in sites}
+        return {**smoothed, **{site.name: self._reassemble_site(block, site, data, search, cfg) for site in sites}}
 
     def _reassemble_site(self, block: nn.Module, site: Any, data: Any, search: range, cfg: QLLMConfig) -> dict[str, Any]:
         linears = [block.get_submodule(n) for n in site.linears]
@@ -245,6 +252,7 @@ class QLLM(BlockwiseMethod):
             p.requires_grad_(False)
 
     def describe(self, cfg: QLLMConfig, scheme: SchemeLike) -> dict[str, Any]:
-        return {"loss": cfg.loss, "reassembly": cfg.reassembly, "theta": cfg.theta if cfg.reassembly else None,
+        return {"loss": cfg.loss, "smooth_alpha": cfg.smooth_alpha, "reassembly": cfg.reassembly,
+                "theta": cfg.theta if cfg.reassembly else None,
                 "budget": cfg.budget if cfg.reassembly else None, "low_rank_tuning": cfg.rank > 0 and cfg.epochs > 0,
                 "rank": cfg.rank}

@@ -72,6 +72,16 @@ def smooth_site(block: nn.Module, site: Site, act_max: torch.Tensor, alpha: floa
     return {"act_max_before": float(act_max.max()), "act_max_after": float((act_max / s).max())}
 
 
+def smooth_block(block: nn.Module, data: Any, alpha: float) -> dict[str, dict[str, float]]:
+    """SmoothQuant's migration at every site of `block` that has a source to fold into, in place,
+    from the per-channel input maxima over `data`'s calibration windows; the block's function is
+    unchanged (up to rounding). Returns each site's largest input maximum before and after."""
+    sites = [s for s in block_sites(block, "SmoothQuant", data.family) if s.source is not None]
+    stats = collect_inputs(block, [s.linears[0] for s in sites], data.run, data.train)
+    return {site.name: smooth_site(block, site, stats[site.linears[0]].absmax.cpu(), alpha, data.family.norm_offset)
+            for site in sites}
+
+
 @dataclass
 class SmoothQuantConfig(BlockwiseConfig):
     """SmoothQuant's migration strength; the engine's epochs do not apply (nothing trains)."""
@@ -97,10 +107,7 @@ class SmoothQuant(BlockwiseMethod):
         check_sites(model, self.label)
 
     def calibrate_block(self, block: nn.Module, data: Any, scheme: SchemeLike, cfg: SmoothQuantConfig) -> dict[str, Any]:
-        sites = [s for s in block_sites(block, self.label, data.family) if s.source is not None]
-        stats = collect_inputs(block, [s.linears[0] for s in sites], data.run, data.train)
-        return {site.name: smooth_site(block, site, stats[site.linears[0]].absmax.cpu(), cfg.alpha,
-                                       data.family.norm_offset) for site in sites}
+        return smooth_block(block, data, cfg.alpha)
 
     def prepare_block(self, block: nn.Module, scheme: SchemeLike, cfg: SmoothQuantConfig) -> list[ParamGroup]:
         wrap_block(block, scheme, parse_dtype(cfg.storage_dtype))  # RTN initialised; nothing trains

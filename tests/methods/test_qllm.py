@@ -81,7 +81,8 @@ def test_build_reassembly_places_sub_channels_in_the_freed_places():
         build_reassembly(torch.tensor([1, 1, 3, 1, 1]), [(0, 1)])
 
 
-def test_block_output_unchanged_by_reassembly_without_quantization():
+@pytest.mark.parametrize("smooth_alpha", [0.0, 0.5])
+def test_block_output_unchanged_by_reassembly_without_quantization(smooth_alpha):
     model = tiny_model("llama")
     block = model.model.layers[0]
     h = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))
@@ -100,13 +101,18 @@ def test_block_output_unchanged_by_reassembly_without_quantization():
     with torch.no_grad():
         ref = run(block, None)
     data = SimpleNamespace(train=range(0, 1), run=run, loss=None, family=arch_for(model))
-    cfg = QLLMConfig(theta="budget", budget=0.1)
+    cfg = QLLMConfig(theta="budget", budget=0.1, smooth_alpha=smooth_alpha)
     method = QLLM()
     facts = method.calibrate_block(block, data, QuantScheme(4, -1, act=ActScheme(4)), cfg)
     assert facts["qkv"]["added"] > 0
     q = block.self_attn.q_proj
     assert isinstance(q, QLLMLinear) and q.reassembly_index is not None and not q.quantized
-    assert all((int(a) // 2 == int(b) // 2) for a, b in q.reassembly_index.T.tolist() if a != b)  # merged the equal pairs
+    if smooth_alpha:  # SmoothQuant's migration first: the outlier channel is smaller, the function the same
+        smoothed = facts["smoothing"]["qkv"]
+        assert smoothed["act_max_after"] < 0.5 * smoothed["act_max_before"]
+        assert set(facts["smoothing"]) == {"qkv", "o", "gate_up", "down"}
+    else:  # the pairs of equal channels are the cheapest merges
+        assert all((int(a) // 2 == int(b) // 2) for a, b in q.reassembly_index.T.tolist() if a != b)
     with torch.no_grad():
         got = run(block, None)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
@@ -187,6 +193,7 @@ def test_search_keeps_the_least_loss(cli, tiny_model_dir, tmp_path):
     (["--qllm-theta", "fixed"], "--qllm-theta must be search or budget"),
     (["--qllm-loss", "huber"], "--qllm-loss must be one of mse, relative, sink, clamp"),
     (["--qllm-candidates", "0"], "need --qllm-candidates >= 1"),
+    (["--qllm-smooth-alpha", "1.5"], "--qllm-smooth-alpha must be in [0, 1]"),
     (["--scheme", "w8g-1a5"], "unsupported activation bits=5"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(flags, message, cli, tiny_model_dir, tmp_path):
