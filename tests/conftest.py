@@ -27,14 +27,31 @@ def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab:
         kw.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
     if family == "phi3":
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "mixtral":  # 4 experts of width 32, 2 per token
+        kw.update(intermediate_size=hidden // 2, num_local_experts=4, num_experts_per_tok=2)
+    if family == "olmoe":
+        kw.update(pad_token_id=1, bos_token_id=None, eos_token_id=0)
+    if family in ("qwen3_moe", "olmoe"):
+        kw.update(num_experts=4, num_experts_per_tok=2, head_dim=hidden // 4)
+        kw.update(moe_intermediate_size=hidden // 2, decoder_sparse_step=1, mlp_only_layers=[layers - 1]) \
+            if family == "qwen3_moe" else kw.update(intermediate_size=hidden // 2)
     return AutoConfig.for_model(family, **kw)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **kw) -> torch.nn.Module:
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")  # tiny models with fused 3-D experts (transformers 5)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, split: bool = True, **kw) -> torch.nn.Module:
+    """A tiny random causal LM of `family`; MoE experts split into per-expert Linears as eqat loads
+    them (eqat.models.experts) unless split=False."""
     from transformers import AutoModelForCausalLM
+
+    from eqat.models.arch import split_experts
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    if split:
+        split_experts(model)
     if family == "qwen2":  # q/k/v biases start at zero; make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -86,7 +103,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 
     def make(family: str = "llama", name: str | None = None, **kw) -> Path:
         path = tmp_path / (name or f"tiny-{family}")
-        model = tiny_model(family, vocab=len(tiny_tokenizer), **kw)
+        model = tiny_model(family, vocab=len(tiny_tokenizer), split=False, **kw)  # the layout transformers saves
         model.save_pretrained(path)
         tiny_tokenizer.save_pretrained(path)
         return path

@@ -53,6 +53,7 @@ from eqat.engine.state import check_fingerprint, damaged, load_state, save_state
 from eqat.engine.streams import ActivationStream
 from eqat.errors import EqatError, EqatInputError
 from eqat.models.families import FamilySpec
+from eqat.models.experts import routing_counts, set_counting
 from eqat.models.arch import arch_for, block_linears, check_scheme, decoder_blocks, get_submodule, replace_module
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ class BlockRecord:
     selected_by: str = "loss"  # what chose kept_epoch: the held-out block loss, or "nll" (eqat.engine.selection)
     heldout_nll: list[float] = field(default_factory=list)  # with "nll": each candidate's next-token loss
     calibration: dict[str, Any] = field(default_factory=dict)  # what the method's calibrate_block did
+    # MoE blocks: tokens routed to each expert over the calibration windows (full-precision inputs), by
+    # experts module; an expert no token reaches gets no gradient and keeps its round-to-nearest start
+    routing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -398,7 +402,11 @@ class BlockwiseEngine:
         block = self.blocks[i].to(self.device)
         p_fp, p_q = self._paths(i + 1)
         yfp = ActivationStream.create(p_fp, (n, t, h), self.act_dtype, cfg.offload)
+        set_counting(block, True, reset=True)
         self._apply(block, xfp, yfp, kw)
+        set_counting(block, False)
+        routing = {name: {"tokens": counts, "never_routed": [e for e, c in enumerate(counts) if c == 0]}
+                   for name, counts in routing_counts(block).items()}
         val = range(n_train, n) if n > n_train else range(0, n_train)
         precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
         data = BlockData(range(0, n_train), lambda b, rows: self._run_rows(b, xq, rows, kw),
@@ -445,7 +453,7 @@ class BlockwiseEngine:
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
                           guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses,
-                          cfg.keep_best_by if cfg.keep_best else "last", best.scores, calibration)
+                          cfg.keep_best_by if cfg.keep_best else "last", best.scores, calibration, routing)
         self.records.append(rec)
         return yfp, xq_next
 

@@ -60,6 +60,13 @@ def run_warnings(model: nn.Module, report: dict[str, Any]) -> list[str]:
         names = ", ".join(f"{b['block']} ({b['init_loss']:.3g} -> {b['final_loss']:.3g})" for b in rose[:6])
         warnings.append(f"Block-AP raised the held-out loss of {len(rose)} of {len(report['blocks'])} blocks against "
                         f"their round-to-nearest start: {names}{', ...' if len(rose) > 6 else ''}. Lower --lr-weight/--lr-quant.")
+    never = [(f"block {b['block']} {name}", r["never_routed"]) for b in report.get("blocks", []) for name, r in (b.get("routing") or {}).items()
+             if r["never_routed"]]
+    if never:
+        listed = "; ".join(f"{name} {ids}" for name, ids in never[:4]) + ("; ..." if len(never) > 4 else "")
+        warnings.append(f"calibration routed no token to {sum(len(ids) for _, ids in never)} experts ({listed}): they "
+                        "keep their round-to-nearest start. More calibration windows (--nsamples, --calib-seqlen) reach "
+                        "more experts.")
     e2e = report.get("e2e_qp") or {}
     before, after = e2e.get("val_loss_before"), e2e.get("val_loss_after")
     if before is not None and after is not None and after > before:

@@ -258,6 +258,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from eqat.core.dtypes import parse_dtype
+    from eqat.models.arch import split_experts
     from eqat.models.loading import check_model_dir, load_tokenizer
 
     p = check_model_dir(path)
@@ -270,6 +271,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         raise EqatInputError(f"cannot read {p / 'config.json'}: {str(e)[:300]}; the checkpoint is damaged.") from e
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    split_experts(model)  # MoE checkpoints hold per-expert modules
     for name, info in meta["quantized_modules"].items():
         try:
             old = model.get_submodule(name)

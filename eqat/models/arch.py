@@ -8,7 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from eqat.models.families import FamilySpec, family_for
+from eqat.errors import EqatInputError
+from eqat.models.experts import ExpertLinears, unfuse_experts
+from eqat.models.families import FamilySpec, family_for, registered_families
+
 
 def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
     if path is None:
@@ -57,6 +60,22 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def split_experts(model: nn.Module) -> list[str]:
+    """Split the fused MoE experts of `model` into per-expert Linears (eqat.models.experts), in
+    place, when its family declares experts; returns the experts modules split. A model type no
+    family names is left alone (what reads its blocks refuses it). EqatInputError when the family
+    declares experts that no block holds."""
+    spec = registered_families().get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    if spec is None or spec.experts is None:
+        return []
+    done = unfuse_experts(model, spec.blocks)
+    if not any(isinstance(get_submodule(b, spec.experts), ExpertLinears) for b in model.get_submodule(spec.blocks)):
+        raise EqatInputError(f"the {spec.name} family spec puts the MoE experts at '{spec.experts}' of each sparse "
+                             f"block, but no block of this {type(model).__name__} has experts there; its layout differs "
+                             "from the one transformers 5 builds for that type (docs/extending.md, 'A model family').")
+    return done
+
+
 def model_skeleton(config: Any) -> nn.Module:
     """The causal LM of `config` with empty (meta) tensors: its structure and shapes, no memory."""
     from accelerate import init_empty_weights
@@ -65,4 +84,5 @@ def model_skeleton(config: Any) -> nn.Module:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings untied
+    split_experts(model)
     return model

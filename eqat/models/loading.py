@@ -63,6 +63,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                              "copy the model again.") from e
     except (OSError, ValueError, KeyError) as e:
         raise EqatInputError(f"cannot load a causal LM from {p}: {str(e)[:300]}") from e
+    from eqat.models.arch import split_experts
+
+    split_experts(model)  # MoE: per-expert Linears, which every method quantizes
     return model.to(device).eval(), tokenizer
 
 

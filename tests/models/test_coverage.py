@@ -1,5 +1,6 @@
 """Coverage: what share of the decoder blocks' weight matrices a run quantizes, and the refusal
-when more than 10% would silently stay in full precision (fused MoE experts in transformers 5)."""
+when more than 10% would silently stay in full precision: here fused MoE experts of a family whose
+spec does not declare them (eqat splits declared experts into Linears: tests/models/test_experts.py)."""
 
 import json
 
@@ -24,7 +25,13 @@ def tiny_mixtral(vocab: int = 320) -> torch.nn.Module:
 
 
 @pytest.fixture
-def mixtral_dir(tmp_path, tiny_tokenizer):
+def mixtral_dir(tmp_path, tiny_tokenizer, monkeypatch):
+    """A tiny Mixtral, with the family spec's experts left out (as for an MoE family eqat cannot split)."""
+    import dataclasses
+
+    from eqat.models.families import FAMILIES
+
+    monkeypatch.setitem(FAMILIES, "mixtral", dataclasses.replace(FAMILIES["mixtral"], experts=None))
     path = tmp_path / "mixtral-tiny"
     tiny_mixtral(len(tiny_tokenizer)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)

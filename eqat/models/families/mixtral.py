@@ -1,7 +1,8 @@
-"""Mixtral: Llama's attention; the MLP is a sparse MoE block (`mlp.gate`, the router, and
-`mlp.experts`, which transformers 5 stores as fused 3-D parameters `gate_up_proj` [E, 2I, H] and
-`down_proj` [E, H, I], not nn.Linear). eqat quantizes the attention linears; the experts stay in
-full precision, which the coverage check reports and refuses unless --allow-unquantized."""
+"""Mixtral: Llama's attention; the MLP is a sparse MoE block: a router (`mlp.gate`, a bare weight
+[E, H] that stays in full precision) and `mlp.experts`, which transformers 5 stores as fused 3-D
+parameters and eqat splits into per-expert Linears (`mlp.experts.{e}.gate_proj/up_proj/down_proj`,
+eqat.models.experts) that every method quantizes. SmoothQuant/QLLM sites: attention only (the MLP
+input also feeds the router, which a folded scale would have to follow)."""
 
 from eqat.models.families.spec import FamilySpec, Site, register_family
 from eqat.models.families.llama import LLAMA_SITES
@@ -9,4 +10,4 @@ from eqat.models.families.llama import LLAMA_SITES
 ATTENTION_SITES: tuple[Site, ...] = tuple(s for s in LLAMA_SITES if s.name in ("qkv", "o"))
 
 MIXTRAL = register_family(FamilySpec(name="mixtral", model_types=("mixtral",), sites=ATTENTION_SITES,
-                                     notes="experts (fused 3-D parameters) not quantized yet"))
+                                     experts="mlp.experts"))

@@ -38,6 +38,9 @@ class FamilySpec:
     # RMSNorm computes x_hat * (norm_offset + w): 0 for Llama, 1 for Gemma. Folding a scale s into
     # it sets w' = (norm_offset + w) / s - norm_offset.
     norm_offset: float = 0.0
+    # MoE: the experts module inside a sparse block (transformers 5's fused 3-D parameters, which eqat
+    # splits into per-expert Linears, eqat.models.experts); None for a dense family
+    experts: str | None = None
     notes: str = ""  # what a user should know (reported by `eqat info`)
 
 
