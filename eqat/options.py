@@ -82,7 +82,7 @@ class QuantizeOptions:
     configs: dict = option(factory=dict, cli=False)  # method name -> its config; a missing one: the defaults
     progress: bool = option(True, cli=False, result=False)
     allow_unquantized: bool = option(False, "Go on when more than 10% of the decoder blocks' weight matrices would stay "
-                                            "in full precision (e.g. fused MoE experts, which are not nn.Linear); "
+                                            "in full precision (e.g. fused tensors no family spec declares, which are not nn.Linear); "
                                             "report.json records the share.", result=False)
 
     def plan(self) -> list[Method]:
