@@ -3,7 +3,8 @@ models built from each family's config (tests/conftest.py), through the commands
 
 Per family:
     methods    `eqat quantize --method M` for rtn (w4g32), block-ap+e2e-qp (w4g32), lr-qat (w4g32),
-               smoothquant (w8g32a8) and qllm (w4g32a8; group 32, the smallest GPTQModel's CPU kernel takes): pass, or refused with eqat's first line
+               smoothquant (w8g32a8) and qllm (w4g32a8); group 32, the smallest GPTQModel's CPU
+               kernel takes. Each: pass, or refused with eqat's first line
     exporters  `eqat export --format F` of the RTN checkpoint, every registered format
     runtimes   `eqat validate` of the RTN checkpoint against each export that was written: per
                (export, runtime) pass / fail / skipped (eqat validate's reason)
