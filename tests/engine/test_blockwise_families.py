@@ -45,3 +45,32 @@ def test_captured_arguments_reproduce_every_blocks_own_forward(family, tmp_path)
         with torch.no_grad():
             wrong = run_block(model.model.layers[1], want[1][0], kw["sliding_attention"])
         assert not torch.allclose(wrong, want[1][1], rtol=1e-3, atol=1e-3)
+
+
+def test_resume_state_with_other_attention_types_is_refused(tmp_path, monkeypatch):
+    """A resume folder whose saved block arguments miss one of the model's attention types (another
+    eqat's, or edited) is refused as damaged instead of calling full-attention blocks with the
+    sliding-window mask."""
+    from eqat.engine.blockwise import KWARGS
+    from eqat.engine.state import load_state, save_state
+    from eqat.errors import EqatInputError
+    from tests.conftest import blockwise_killed_after
+
+    method = get_method("block-ap")
+    cfg = method.config(val_samples=0, epochs=1)
+    calib = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    engine = BlockwiseEngine(tiny_model("gemma3_text", layers=2), method, cfg, QuantScheme.parse("w4g16"),
+                             tmp_path / "state", progress=False)
+    monkeypatch.setattr(BlockwiseEngine, "_save_block", blockwise_killed_after(0))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(calib)
+    monkeypatch.undo()
+    saved = load_state(tmp_path / "state", KWARGS, engine.fingerprint, "test")
+    assert set(saved["kwargs"]) == {"sliding_attention", "full_attention"}
+    del saved["kwargs"]["full_attention"], saved["rebuild"]["full_attention"]
+    save_state(tmp_path / "state", KWARGS, engine.fingerprint, saved)
+    again = BlockwiseEngine(tiny_model("gemma3_text", layers=2), method, cfg, QuantScheme.parse("w4g16"),
+                            tmp_path / "state", progress=False)
+    with pytest.raises(EqatInputError, match=r"holds block arguments for \['sliding_attention'\], and the model's "
+                                             r"attention types are \['full_attention', 'sliding_attention'\]"):
+        again.run(calib)
