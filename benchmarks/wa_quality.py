@@ -11,6 +11,7 @@ which runs eqat's own forward with the activations fake-quantized per token):
     qllm[reassembly]   QLLM's adaptive channel reassembly only (--qllm-rank 0)
     qllm[lora]         QLLM's low-rank tuning only (--no-qllm-reassembly)
     qllm               both
+    qllm[smooth]       SmoothQuant's migration (alpha 0.5) first, then both (--qllm-smooth-alpha 0.5)
     llmcompressor      the peer: llm-compressor's SmoothQuant + GPTQ W8A8 (int8 weights per channel,
                        int8 activations per token, symmetric), run by benchmarks/llmcompressor_run.py in its
                        own virtualenv (--llmcompressor-python), loaded back through compressed-tensors and
@@ -48,8 +49,9 @@ METHOD_FLAGS = {
     "qllm[reassembly]": ["--method", "qllm", "--qllm-rank", "0"],
     "qllm[lora]": ["--method", "qllm", "--no-qllm-reassembly"],
     "qllm": ["--method", "qllm"],
+    "qllm[smooth]": ["--method", "qllm", "--qllm-smooth-alpha", "0.5"],
 }
-ORDER = ["fp", "rtn", "smoothquant", "llmcompressor", "qllm[reassembly]", "qllm[lora]", "qllm"]
+ORDER = ["fp", "rtn", "smoothquant", "llmcompressor", "qllm[reassembly]", "qllm[lora]", "qllm", "qllm[smooth]"]
 
 
 def run_eqat(model_path: Path, method: str, scheme: str, workdir: Path, extra: list[str]) -> tuple[torch.nn.Module, dict]:
