@@ -191,7 +191,7 @@ def get_method(name: str) -> Method:
     """A fresh instance of the method `name` (one per run: a method may keep state within its run)."""
     methods = registered_methods()
     if name not in methods:
-        raise EqatInputError(f"unknown method '{name}'; registered: {', '.join(methods)}.")
+        raise EqatInputError(f"unknown method '{name}'; registered: {', '.join(sorted(methods))}.")
     return methods[name]()
 
 
