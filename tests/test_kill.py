@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["quantize", "--scheme", "w2g32", "--nsamples", "8", "--val-samples", "2", "--calib-seqlen", "32", "--epochs", "2",
-        "--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-epochs", "2",
+ARGS = ["quantize", "--scheme", "w2g32", "--nsamples", "8", "--val-samples", "2", "--calib-seqlen", "32", "--epochs", "1",
+        "--e2e-nsamples", "8", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-epochs", "1",
         "--e2e-grad-accum", "1", "--e2e-save-every", "1", "--no-eval", "-q", "--seed", "0"]
 def _exists(pattern):
     return lambda out: any(out.parent.glob(pattern.format(name=out.name)))
@@ -145,7 +145,7 @@ def after_first_write(delay):
     return when
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))  # seeds 0-2: both signal orders, moments all over the span
 def test_killed_at_random_moments_resumes_to_the_same_model(reference, seed):
     """Kills at moments drawn from `seed`, uniform over the span of an uninterrupted run in which
     training state is on disk (from its first saved block to its end: Block-AP, E2E-QP, saving,
