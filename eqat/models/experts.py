@@ -111,10 +111,6 @@ def unfuse_experts(model: nn.Module, blocks: str) -> list[str]:
     return done
 
 
-def expert_lists(model: nn.Module) -> dict[str, ExpertLinears]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLinears)}
-
-
 def routing_counts(block: nn.Module) -> dict[str, list[int]]:
     """Tokens routed to each expert of each `ExpertLinears` in `block` while counting was on."""
     return {n: m.routed.tolist() for n, m in block.named_modules() if isinstance(m, ExpertLinears)}
