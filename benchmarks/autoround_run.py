@@ -30,12 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-# This folder is sys.path[0] when run as a script, and its kernels.py (which imports eqat) would
-# stand in for the `kernels` package that transformers probes for.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import torch  # noqa: E402
+import torch
 
 # settings of auto_round.AutoRound that --own-defaults leaves to AutoRound; iters' default lives
 # in its SignRound config

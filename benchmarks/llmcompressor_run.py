@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-# this folder holds benchmarks/kernels.py, which would shadow the `kernels` package transformers imports
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ packed weight, scales and zero-points, activations in and out) and TFLOP/s (2 M 
 the fraction of the device's peak bandwidth and compute. On CPU the Triton and BitBLAS rows are
 absent and the table says so: CPU figures are not GPU figures.
 
-    python benchmarks/kernels.py                       # CUDA: fp16, M 1,16,256,2048, w4g128 and w2g128
-    python benchmarks/kernels.py --m 1,16,256 --train-m 256 --dtype float32   # what runs on a CPU
+    python benchmarks/kernel_speed.py                       # CUDA: fp16, M 1,16,256,2048, w4g128 and w2g128
+    python benchmarks/kernel_speed.py --m 1,16,256 --train-m 256 --dtype float32   # what runs on a CPU
 """
 
 from __future__ import annotations
