@@ -13,7 +13,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Llama-like: the family spec
 OTHER_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
 
 
-def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = True):
+def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 320, tied: bool = True,
+                **overrides):
+    """A tiny config of `family`; `overrides` replace any of its fields last."""
     from transformers import AutoConfig
 
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -35,7 +37,7 @@ def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab:
         kw.update(num_experts=4, num_experts_per_tok=2, head_dim=hidden // 4)
         kw.update(moe_intermediate_size=hidden // 2, decoder_sparse_step=1, mlp_only_layers=[layers - 1]) \
             if family == "qwen3_moe" else kw.update(intermediate_size=hidden // 2)
-    return AutoConfig.for_model(family, **kw)
+    return AutoConfig.for_model(family, **{**kw, **overrides})
 
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")  # tiny models with fused 3-D experts (transformers 5)
@@ -162,3 +164,24 @@ def cli(monkeypatch, capsys):
         return code, out, " ".join(err.split())  # rich wraps long lines
 
     return run
+
+
+@pytest.fixture
+def restore_defused(monkeypatch):
+    """GPTQModel loads an MoE model through Defuser, which replaces transformers' MoE block classes
+    (and checkpoint renames) of that model type for the whole process; this puts them back after
+    the test, so later tests build the fused layout transformers 5 ships."""
+    import importlib
+
+    pytest.importorskip("defuser")
+    from defuser.model_registry import MODEL_CONFIG, PATCH
+    from transformers import conversion_mapping, modeling_utils
+
+    for model_type in MOE_FAMILIES:
+        for original, _ in MODEL_CONFIG.get(model_type, {}).get(PATCH.REPLACE_MODULE, []):
+            module, _, name = original.rpartition(".")
+            module = importlib.import_module(module)
+            monkeypatch.setattr(module, name, getattr(module, name))
+    original = conversion_mapping.get_checkpoint_conversion_mapping
+    monkeypatch.setattr(conversion_mapping, "get_checkpoint_conversion_mapping", original)
+    monkeypatch.setattr(modeling_utils, "get_checkpoint_conversion_mapping", original, raising=False)

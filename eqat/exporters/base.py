@@ -70,7 +70,10 @@ class Exporter:
     holds_activations: bool = False  # schemes that quantize input activations (w8g-1a8): runs them as such
     holds_reassembly: bool = False  # QLLM's channel reassembly of a layer's input (eqat.core.reassembly)
     holds_mixed_activations: bool = False  # per-module schemes in a model that quantizes activations
-    holds_experts: bool = False  # MoE experts as per-expert linears (eqat.models.experts), named as its runtimes read them
+    # MoE experts (per-expert linears, eqat.models.experts): None where the format cannot hold them;
+    # "eqat" writes eqat's names (model.layers.0.mlp.experts.3.gate_proj, GPTQModel's for every family);
+    # "saved" renames every tensor as transformers' save_pretrained does (FamilySpec.saved_names)
+    expert_names: str | None = None
     # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
     resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
@@ -90,12 +93,11 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
     `reassembled` with a channel reassembly of their input, or None."""
     schemes = as_layer_schemes(schemes)
     experts = [n for n in shapes if EXPERT_LINEAR.search(n)]
-    if experts and not exporter.holds_experts:
-        able = [n for n, e in EXPORTERS.items() if e.holds_experts]
-        return (f"{exporter.name} export of MoE experts ({len(experts)} expert linears, e.g. '{experts[0]}') is not "
-                f"supported yet: eqat has not checked how its runtimes ({exporter.runtimes or exporter.name}) name and "
-                f"load them; formats that hold them: {', '.join(able) or 'none yet'} (`eqat eval` measures the "
-                "checkpoint itself)")
+    if experts and exporter.expert_names is None:
+        able = [n for n, e in EXPORTERS.items() if e.expert_names is not None]
+        return (f"{exporter.name} cannot hold MoE experts ({len(experts)} expert linears, e.g. '{experts[0]}'): its "
+                f"runtimes ({exporter.runtimes or exporter.name}) load no per-expert quantized tensors of this layout; "
+                f"formats that hold them: {', '.join(able) or 'none'} (docs/moe.md)")
     if reassembled and not exporter.holds_reassembly:
         able = [n for n, e in EXPORTERS.items() if e.holds_reassembly]
         return (f"{exporter.name} cannot hold QLLM's channel reassembly ({len(reassembled)} layers, e.g. "
@@ -225,6 +227,25 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _moe_names(state: dict[str, torch.Tensor], qconfig: dict, exporter: Exporter, config: Any
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """An MoE model's tensors named as `exporter.expert_names` says, and its routers (full precision)
+    added to the quantization_config's `ignore` list where it has one (compressed-tensors: vLLM builds
+    the router as a Linear, which a `targets: [Linear]` group would otherwise claim)."""
+    from eqat.models.families import registered_families
+    from eqat.models.families.spec import saved_name
+
+    spec = registered_families().get(getattr(config, "model_type", "") or "")
+    if spec is None or spec.experts is None:
+        return state, qconfig
+    if exporter.expert_names == "saved":
+        state = {saved_name(spec, k): v for k, v in state.items()}
+    if spec.router and isinstance(qconfig.get("ignore"), list):
+        router = saved_name(spec, f".{spec.router}.").strip(".") if exporter.expert_names == "saved" else spec.router
+        qconfig = {**qconfig, "ignore": [*qconfig["ignore"], f"re:.*\\.{re.escape(router)}$"]}
+    return state, qconfig
+
+
 def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = False,
                       max_shard_size: str = "4GB", progress: bool = True, replace_foreign: bool = False,
                       **options: Any) -> dict[str, Any]:
@@ -269,6 +290,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
         for key, count in layer_notes.items():
             notes[key] = notes.get(key, 0) + count
     qconfig = exporter.quantization_config(schemes, opts)
+    state, qconfig = _moe_names(state, qconfig, exporter, config)
     bits = bits_summary({n: (schemes(n), *shapes[n]) for n in shapes})
     report = {"format": fmt, "options": opts, "scheme": schemes.default.to_dict(), "schemes": schemes.to_dict(),
               "bits": bits, "source": str(src),

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from eqat.errors import EqatInputError
-from eqat.models.experts import ExpertLinears, unfuse_experts
+from eqat.models.experts import ExpertLinears, is_expert_list, unfuse_experts
 from eqat.models.families import FamilySpec, family_for, registered_families
 
 
@@ -62,14 +62,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def split_experts(model: nn.Module) -> list[str]:
     """Split the fused MoE experts of `model` into per-expert Linears (eqat.models.experts), in
-    place, when its family declares experts; returns the experts modules split. A model type no
+    place, when its family declares experts; returns the experts modules split. Experts already stored
+    as per-expert Linears (older transformers, or transformers after GPTQModel's Defuser patched the
+    family in this process) are quantized as they are, without routing counts. A model type no
     family names is left alone (what reads its blocks refuses it). EqatInputError when the family
     declares experts that no block holds."""
     spec = registered_families().get(getattr(getattr(model, "config", None), "model_type", None) or "")
     if spec is None or spec.experts is None:
         return []
     done = unfuse_experts(model, spec.blocks)
-    if not any(isinstance(get_submodule(b, spec.experts), ExpertLinears) for b in model.get_submodule(spec.blocks)):
+    if not any(isinstance(get_submodule(b, spec.experts), ExpertLinears) or is_expert_list(get_submodule(b, spec.experts))
+               for b in model.get_submodule(spec.blocks)):
         raise EqatInputError(f"the {spec.name} family spec puts the MoE experts at '{spec.experts}' of each sparse "
                              f"block, but no block of this {type(model).__name__} has experts there; its layout differs "
                              "from the one transformers 5 builds for that type (docs/extending.md, 'A model family').")

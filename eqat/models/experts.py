@@ -68,6 +68,12 @@ def is_fused_experts(module: nn.Module) -> bool:
     return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.ndim == 3 and down.ndim == 3
 
 
+def is_expert_list(module: nn.Module | None) -> bool:
+    """True for experts already stored per expert: a ModuleList whose items hold nn.Linear layers."""
+    return (isinstance(module, nn.ModuleList) and not isinstance(module, ExpertLinears) and len(module) > 0
+            and all(any(isinstance(m, nn.Linear) for m in e.modules()) for e in module))
+
+
 def _check_layout(name: str, module: nn.Module) -> None:
     """Refuse a fused layout that `unfuse_experts` would misread."""
     e, two_i, h = module.gate_up_proj.shape

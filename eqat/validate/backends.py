@@ -22,14 +22,32 @@ import torch
 from eqat.errors import EqatInputError
 
 
+def moe_facts(config: dict) -> dict | None:
+    """For an MoE model's config.json (a family spec with experts): {model_type, dense_blocks}, the
+    blocks whose MLP is dense (Qwen3-MoE's `mlp_only_layers`, `decoder_sparse_step`); None otherwise."""
+    from eqat.models.families import registered_families
+
+    spec = registered_families().get(config.get("model_type") or "")
+    if spec is None or spec.experts is None:
+        return None
+    layers, step = config.get("num_hidden_layers") or 0, config.get("decoder_sparse_step") or 1
+    only = set(config.get("mlp_only_layers") or ())
+    dense = [i for i in range(layers) if i in only or (i + 1) % step]
+    return {"model_type": config["model_type"], "dense_blocks": dense}
+
+
 def folder_kind(path: Path) -> tuple[str, dict]:
-    """(kind, quantization_config) of a model folder: eqat, gptq, bitblas, awq, compressed-tensors or onnx."""
+    """(kind, quantization_config) of a model folder: eqat, gptq, bitblas, awq, compressed-tensors or onnx.
+    An export of an MoE model gets `moe` (moe_facts) in its quantization_config, for the backends."""
     if (path / "eqat_config.json").exists():
         return "eqat", json.loads((path / "eqat_config.json").read_text())["scheme"]
     try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EqatInputError(f"{path} has no readable config.json ({e}); pass an eqat checkpoint or an `eqat export` folder.") from e
+    qc = dict(config.get("quantization_config") or {})
+    if moe_facts(config):
+        qc["moe"] = moe_facts(config)
     method = qc.get("quant_method")
     if method == "gptq":
         return ("bitblas" if qc.get("checkpoint_format") == "bitblas" else "gptq"), qc
@@ -130,6 +148,11 @@ def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
     if kind == "gptq" and qc.get("checkpoint_format") == "gptq" and not qc.get("sym") and "gptqmodel" not in writer:
         return ("GPTQModel reads asymmetric GPTQ v1 only when GPTQModel >= 0.9 wrote it; export with "
                 "--checkpoint-format gptq_v2 (the default for asymmetric schemes)")
+    moe = qc.get("moe") or {}
+    if moe.get("model_type") == "qwen3_moe" and moe.get("dense_blocks"):
+        return (f"GPTQModel 7.6's Qwen3-MoE definition takes every block's MLP as sparse, so the dense MLPs of blocks "
+                f"{moe['dense_blocks']} (mlp_only_layers / decoder_sparse_step) would load randomly initialised; "
+                "validate with eqat's own backends")
     return _missing("gptqmodel")
 
 
@@ -199,6 +222,14 @@ def _transformers_why_not(kind: str, qc: dict) -> str | None:
                 "every scheme is symmetric (its compressed path cannot load asymmetric zero-points, and its "
                 "dequantize path decodes every layer with the first group's scheme); validate with vllm or "
                 "onnxruntime, or quantize with symmetric schemes")
+    moe = qc.get("moe")
+    if moe and kind in ("gptq", "awq"):
+        return (f"transformers 5 does not load {kind.upper()} MoE experts: its quantizer replaces nn.Linear modules "
+                "only, so the fused experts would stay randomly initialised without an error; validate with gptqmodel")
+    if moe and kind == "compressed-tensors" and not all(s["sym"] for s in schemes):
+        return ("transformers 5.25 decompresses pack-quantized MoE experts without their zero-points "
+                "(CompressedTensorsDequantize), so asymmetric experts do not load; quantize with a symmetric scheme "
+                "(e.g. w4g64sym), or validate with vllm")
     if kind in ("gptq", "awq"):
         return _missing("optimum", "gptqmodel")
     if activations_quantized(qc):
@@ -263,8 +294,22 @@ def cpu_has_avx512() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
     schemes = weight_schemes(kind, qc)
+    moe = qc.get("moe")
+    if moe and kind == "gptq" and moe["model_type"] == "mixtral":
+        return ("this GPTQ export names Mixtral's experts as GPTQModel does (mlp.experts.{e}.gate_proj) and vLLM reads "
+                "block_sparse_moe.experts.{e}.w1/w3/w2; export compressed-tensors (transformers' names) for vLLM")
+    if moe and not torch.cuda.is_available() and not cpu_has_amx():
+        return ("vLLM's CPU build runs quantized MoE experts only as int4 with AMX (vLLM 0.32's CPU fused-MoE), and this "
+                "CPU has no AMX; run on a GPU or an AMX CPU")
     if kind == "gptq" and not (all(s["sym"] and s["bits"] in (4, 8) for s in schemes)
                                and qc.get("checkpoint_format") == "gptq"):
         return "vLLM reads GPTQ only 4/8-bit symmetric v1 (every module's); export compressed-tensors for other schemes"

@@ -277,15 +277,19 @@ def validate(model_dir: str | Path, exports: list[str | Path] = (), backends: li
 
     plan = [(folder, b.name) for folder in folders for b in BACKENDS.values()
             if folder[1] in b.kinds and (backends is None or b.name in backends)]
-    rows = []
-    for folder, name in tqdm(plan, desc="validate", unit="backend", disable=not progress):
+    # GPTQModel runs last: loading an MoE model, its Defuser replaces transformers' MoE block classes for the
+    # whole process, after which transformers would misload the other folders' experts. Rows keep plan order.
+    order = sorted(range(len(plan)), key=lambda i: plan[i][1] == "gptqmodel")
+    rows: list[dict[str, Any]] = [{}] * len(plan)
+    for i in tqdm(order, desc="validate", unit="backend", disable=not progress):
+        folder, name = plan[i]
         if folder[0] == model_dir and name == "eqat-torch":
             base = ref.get(torch.float32)
-            rows.append({"folder": str(model_dir), "name": model_dir.name, "kind": "eqat", "backend": name,
-                         "status": "reference", "dtype": "float32", "ppl": base["ppl"], "ppl_delta_pct": 0.0,
-                         "tokens_per_s": sum(w.numel() for w in ref.windows) / base["seconds"]})
+            rows[i] = {"folder": str(model_dir), "name": model_dir.name, "kind": "eqat", "backend": name,
+                       "status": "reference", "dtype": "float32", "ppl": base["ppl"], "ppl_delta_pct": 0.0,
+                       "tokens_per_s": sum(w.numel() for w in ref.windows) / base["seconds"]}
         else:
-            rows.append(_run_one(folder, name, ref, thresholds, vllm_python, vllm_timeout))
+            rows[i] = _run_one(folder, name, ref, thresholds, vllm_python, vllm_timeout)
     ok, compared, reason = _verdict(rows, model_dir, folders[1:], backends, vllm_python)
     return {"model": str(model_dir), "scheme": meta["scheme"], "bits": bits, "windows": windows, "seqlen": seqlen,
             "new_tokens": new_tokens, "prompts": list(PROMPTS), "thresholds": vars(thresholds), "rows": rows,

@@ -5,4 +5,4 @@ from eqat.models.families.spec import FamilySpec, register_family
 from eqat.models.families.mixtral import ATTENTION_SITES
 
 OLMOE = register_family(FamilySpec(name="olmoe", model_types=("olmoe",), sites=ATTENTION_SITES,
-                                   experts="mlp.experts"))
+                                   experts="mlp.experts", router="mlp.gate"))

@@ -6,4 +6,4 @@ from eqat.models.families.spec import FamilySpec, register_family
 from eqat.models.families.mixtral import ATTENTION_SITES
 
 QWEN3_MOE = register_family(FamilySpec(name="qwen3_moe", model_types=("qwen3_moe",), sites=ATTENTION_SITES,
-                                       experts="mlp.experts"))
+                                       experts="mlp.experts", router="mlp.gate"))

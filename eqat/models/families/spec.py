@@ -3,6 +3,7 @@ modules of this package import it, and `eqat.models.families` imports them."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -41,7 +42,18 @@ class FamilySpec:
     # MoE: the experts module inside a sparse block (transformers 5's fused 3-D parameters, which eqat
     # splits into per-expert Linears, eqat.models.experts); None for a dense family
     experts: str | None = None
+    router: str | None = None  # MoE: the router inside a sparse block (full precision; formats that target Linears ignore it)
+    # eqat's tensor names -> the names transformers' save_pretrained writes, as (regex, replacement)
+    # applied in order, for formats whose runtimes read those (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2)
+    saved_names: tuple[tuple[str, str], ...] = ()
     notes: str = ""  # what a user should know (reported by `eqat info`)
+
+
+def saved_name(spec: FamilySpec, name: str) -> str:
+    """`name` (eqat's, e.g. model.layers.0.mlp.experts.3.gate_proj.weight) as transformers saves it."""
+    for pattern, replacement in spec.saved_names:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 FAMILIES: dict[str, FamilySpec] = {}  # by model_type
