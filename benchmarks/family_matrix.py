@@ -2,14 +2,15 @@
 models built from each family's config (tests/conftest.py), through the commands a user runs.
 
 Per family:
-    methods    `eqat quantize --method M` for rtn (w4g32), block-ap+e2e-qp (w4g32), lr-qat (w4g32),
+    methods    `eqat quantize --method M` for rtn (w4g32sym), block-ap+e2e-qp (w4g32), lr-qat (w4g32),
                smoothquant (w8g32a8) and qllm (w4g32a8); group 32, the smallest GPTQModel's CPU
                kernel takes. Each: pass, or refused with eqat's first line
     exporters  `eqat export --format F` of the RTN checkpoint, every registered format
     runtimes   `eqat validate` of the RTN checkpoint against each export that was written: per
                (export, runtime) pass / fail / skipped (eqat validate's reason)
 
-Each command runs in its own process. Results: benchmarks/results/family_matrix.{json,md}. Run:
+Each command runs in its own process. Results: benchmarks/results/family_matrix.{json,md}; a family run
+again replaces its row, the others' rows stay. Run:
 
     python benchmarks/family_matrix.py [--families llama,gemma3_text,...]
 """
@@ -35,7 +36,9 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_tex
 SMALL = ["--nsamples", "4", "--val-samples", "2", "--calib-seqlen", "32", "--epochs", "1", "--batch-size", "2",
          "--e2e-nsamples", "4", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-steps", "2",
          "--e2e-batch-size", "2", "--e2e-grad-accum", "1", "--no-eval", "-q"]
-METHODS = {"rtn": ["--scheme", "w4g32"], "block-ap+e2e-qp": ["--scheme", "w4g32"],
+# symmetric for the RTN checkpoint that is exported: transformers reads compressed-tensors MoE experts only
+# symmetric (docs/moe.md), and every other runtime here reads both
+METHODS = {"rtn": ["--scheme", "w4g32sym"], "block-ap+e2e-qp": ["--scheme", "w4g32"],
            "lr-qat": ["--scheme", "w4g32", "--lr-qat-rank", "4"], "smoothquant": ["--scheme", "w8g32a8"],
            "qllm": ["--scheme", "w4g32a8", "--qllm-theta", "budget"]}
 
@@ -110,7 +113,7 @@ def markdown(rows: list[dict]) -> str:
              "## Methods (`eqat quantize`)", "", "| family | " + " | ".join(METHODS) + " |",
              "|---|" + "---|" * len(METHODS)]
     lines += [f"| {r['family']} | " + " | ".join(cell(r["methods"][m]) for m in METHODS) + " |" for r in rows]
-    lines += ["", "## Exporters (`eqat export` of the RTN w4g32 checkpoint)", "",
+    lines += ["", "## Exporters (`eqat export` of the RTN w4g32sym checkpoint)", "",
               "| family | " + " | ".join(EXPORTERS) + " |", "|---|" + "---|" * len(EXPORTERS)]
     lines += [f"| {r['family']} | " + " | ".join(cell(r["exporters"][f]) if f in r["exporters"] else "not run: RTN failed"
                                                  for f in EXPORTERS) + " |" for r in rows]
@@ -122,6 +125,18 @@ def markdown(rows: list[dict]) -> str:
         parts = [f"{k}: {cell(v)}" for k, v in r["runtimes"].items()]
         lines.append(f"- **{r['family']}**: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def save(rows: list[dict], seconds: float) -> list[dict]:
+    """Merge `rows` into the results (a family run again replaces its row) and rewrite both files."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "family_matrix.json"
+    done = {r["family"] for r in rows}
+    kept = [r for r in json.loads(path.read_text())["rows"] if r["family"] not in done] if path.is_file() else []
+    rows = sorted(kept + rows, key=lambda r: FAMILIES.index(r["family"]) if r["family"] in FAMILIES else len(FAMILIES))
+    write_json(path, {"rows": rows, "seconds": seconds, "environment": environment()})
+    (RESULTS / "family_matrix.md").write_text(markdown(rows))
+    return rows
 
 
 def main() -> None:
@@ -137,13 +152,11 @@ def main() -> None:
         tokenizer = train_tiny_tokenizer()
         for family in args.families.split(","):
             print(f"{family} ...", flush=True)
-            rows.append(run_family(family, folder, tokenizer, text))
+            t = time.perf_counter()
+            rows.append({**run_family(family, folder, tokenizer, text), "seconds": round(time.perf_counter() - t, 1)})
             print(json.dumps(rows[-1])[:600], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "family_matrix.json", {"rows": rows, "seconds": time.perf_counter() - t0,
-                                                "environment": environment()})
-    (RESULTS / "family_matrix.md").write_text(markdown(rows))
-    print(markdown(rows))
+            merged = save(rows, time.perf_counter() - t0)  # after each family: an interrupted run keeps what it did
+    print(markdown(merged))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ def _next_block(n):
 
 
 # (signal, where, when to send it): points inside Block-AP, between blocks, inside E2E-QP and while saving
+# (SIGKILL as Block-AP starts is the SIGINT case's moment; the random-moment runs below SIGKILL inside it too)
 KILLS = [
-    (signal.SIGKILL, "block-ap started", _exists("{name}/resume/block_kwargs.json")),
     (signal.SIGKILL, "after block 1", _next_block(1)),
     (signal.SIGINT, "inside Block-AP", _exists("{name}/resume/block_kwargs.json")),
     (signal.SIGKILL, "inside E2E-QP", _exists("{name}/resume/e2e/e2e_state.json")),
