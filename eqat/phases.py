@@ -38,7 +38,7 @@ def run_blockwise(model: nn.Module, method: Method, cfg: Any, scheme: SchemeLike
     from eqat.methods.rtn import relative_error
 
     fp_weights = {name: lin.weight.detach().clone() for name, lin in quantizable_linears(model).items()}
-    outer = tqdm(total=model.config.num_hidden_layers, desc=f"{method.label} {scheme.name}", unit="block",
+    outer = tqdm(total=model.config.get_text_config().num_hidden_layers, desc=f"{method.label} {scheme.name}", unit="block",
                  disable=not progress)
 
     def on_block(rec) -> None:

@@ -37,7 +37,34 @@ def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, vocab:
         kw.update(num_experts=4, num_experts_per_tok=2, head_dim=hidden // 4)
         kw.update(moe_intermediate_size=hidden // 2, decoder_sparse_step=1, mlp_only_layers=[layers - 1]) \
             if family == "qwen3_moe" else kw.update(intermediate_size=hidden // 2)
-    return AutoConfig.for_model(family, **{**kw, **overrides})
+    kw = {**kw, **overrides}
+    if family in VLM_FAMILIES:  # the language model as above, a one-layer vision tower
+        return _tiny_vlm_config(family, kw)
+    return AutoConfig.for_model(family, **kw)
+
+
+VLM_FAMILIES = ("llava", "qwen2_vl")  # vision-language: a tiny language model and vision tower
+
+
+def _tiny_vlm_config(family: str, text: dict):
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    tied = text.pop("tie_word_embeddings")
+    image = text["vocab_size"]  # image (video, vision start) tokens after the text vocabulary: text never holds them
+    text["vocab_size"] += 3
+    if family == "llava":
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+        return AutoConfig.for_model("llava", text_config=AutoConfig.for_model("llama", **text), vision_config=vision,
+                                    image_token_index=image, tie_word_embeddings=tied)
+    head = text["hidden_size"] // text["num_attention_heads"]  # M-RoPE sections cover half the head
+    text.update(rope_scaling={"type": "mrope", "mrope_section": [head // 4, head // 8, head // 8]},
+                bos_token_id=None, eos_token_id=0, tie_word_embeddings=tied)
+    vision = dict(depth=1, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, image_token_id=image,
+                                video_token_id=image + 1, vision_start_token_id=image + 2,
+                                tie_word_embeddings=tied)
 
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")  # tiny models with fused 3-D experts (transformers 5)
@@ -46,12 +73,11 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")  # tiny models with fused 3-D e
 def tiny_model(family: str = "llama", seed: int = 0, split: bool = True, **kw) -> torch.nn.Module:
     """A tiny random causal LM of `family`; MoE experts split into per-expert Linears as eqat loads
     them (eqat.models.experts) unless split=False."""
-    from transformers import AutoModelForCausalLM
-
-    from eqat.models.arch import split_experts
+    from eqat.models.arch import model_class, split_experts
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    config = tiny_config(family, **kw)
+    model = model_class(config).from_config(config, dtype=torch.float32)
     if split:
         split_experts(model)
     if family == "qwen2":  # q/k/v biases start at zero; make them count

@@ -159,7 +159,7 @@ class BlockwiseEngine:
         self.fingerprint = fingerprint or {}
         self.progress, self.on_block = progress, on_block
         self.blocks = decoder_blocks(model)
-        types = list(getattr(model.config, "layer_types", None) or [])
+        types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
         # the attention type of each block (Gemma 2/3: sliding or full); its mask and rotary differ
         self.layer_types = types if len(types) == len(self.blocks) else ["all"] * len(self.blocks)
         self.act_dtype = parse_dtype(config.act_dtype)
@@ -462,7 +462,7 @@ class BlockwiseEngine:
         if self._scorer is None:
             norm, head = self._final_norm_and_head()
             self._scorer = HeldoutNLL(self.blocks, norm, head, self._calib, self._kwargs, self.device,
-                                      self.config.batch_size, getattr(self.model.config, "final_logit_softcapping", None))
+                                      self.config.batch_size, getattr(self.model.config.get_text_config(), "final_logit_softcapping", None))
         return self._scorer(i, block, xs, rows)
 
     def _final_norm_and_head(self) -> tuple[nn.Module, nn.Module]:
@@ -493,7 +493,7 @@ class BlockwiseEngine:
         """Train every block on `calib` (LongTensor [n, T]; the last `val_samples` rows are held out)."""
         cfg = self.config
         n, t = calib.shape
-        h = self.model.config.hidden_size
+        h = self.model.config.get_text_config().hidden_size
         n_train = n - cfg.val_samples if n > cfg.val_samples else n
         self._calib = calib
         self.state_dir.mkdir(parents=True, exist_ok=True)

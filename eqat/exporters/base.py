@@ -30,7 +30,7 @@ from eqat.core.layer_schemes import LayerSchemes, SchemeLike, as_layer_schemes, 
 from eqat.io.checkpoint import WEIGHTS, atomic_dir, check_free_space, module_schemes, read_eqat_config, side_files_bytes
 from eqat.errors import EqatInputError
 from eqat.io.lock import output_lock
-from eqat.models.loading import check_model_dir, load_tokenizer
+from eqat.models.loading import check_model_dir, copy_processor_files, load_tokenizer
 from eqat.io.outdir import check_output, resolve_out
 from eqat.core.scheme import QuantScheme
 
@@ -70,10 +70,11 @@ class Exporter:
     holds_activations: bool = False  # schemes that quantize input activations (w8g-1a8): runs them as such
     holds_reassembly: bool = False  # QLLM's channel reassembly of a layer's input (eqat.core.reassembly)
     holds_mixed_activations: bool = False  # per-module schemes in a model that quantizes activations
-    # MoE experts (per-expert linears, eqat.models.experts): None where the format cannot hold them;
-    # "eqat" writes eqat's names (model.layers.0.mlp.experts.3.gate_proj, GPTQModel's for every family);
-    # "saved" renames every tensor as transformers' save_pretrained does (FamilySpec.saved_names)
-    expert_names: str | None = None
+    holds_experts: bool = False  # MoE experts as per-expert linears (eqat.models.experts), loaded by its runtimes
+    # tensor names: False writes eqat's (transformers 5's module names, which GPTQModel reads:
+    # model.layers.0.mlp.experts.3.gate_proj, model.language_model.layers.0...); True renames every tensor as
+    # transformers' save_pretrained does (FamilySpec.saved_names, expert_saved_names), as published checkpoints are
+    saved_names: bool = False
     # (schemes, options) -> options with what holds for the whole folder decided (e.g. one GPTQ checkpoint_format)
     resolve_options: Callable[[LayerSchemes, dict], dict] | None = None
 
@@ -93,8 +94,8 @@ def why_not_schemes(exporter: Exporter, schemes: SchemeLike, shapes: dict[str, t
     `reassembled` with a channel reassembly of their input, or None."""
     schemes = as_layer_schemes(schemes)
     experts = [n for n in shapes if EXPERT_LINEAR.search(n)]
-    if experts and exporter.expert_names is None:
-        able = [n for n, e in EXPORTERS.items() if e.expert_names is not None]
+    if experts and not exporter.holds_experts:
+        able = [n for n, e in EXPORTERS.items() if e.holds_experts]
         return (f"{exporter.name} cannot hold MoE experts ({len(experts)} expert linears, e.g. '{experts[0]}'): its "
                 f"runtimes ({exporter.runtimes or exporter.name}) load no per-expert quantized tensors of this layout; "
                 f"formats that hold them: {', '.join(able) or 'none'} (docs/moe.md)")
@@ -227,22 +228,27 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _moe_names(state: dict[str, torch.Tensor], qconfig: dict, exporter: Exporter, config: Any
-               ) -> tuple[dict[str, torch.Tensor], dict]:
-    """An MoE model's tensors named as `exporter.expert_names` says, and its routers (full precision)
-    added to the quantization_config's `ignore` list where it has one (compressed-tensors: vLLM builds
-    the router as a Linear, which a `targets: [Linear]` group would otherwise claim)."""
+def _saved_names(state: dict[str, torch.Tensor], qconfig: dict, exporter: Exporter, config: Any
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors named as transformers saves them where `exporter.saved_names` (FamilySpec.saved_names
+    and expert_saved_names), and what stays in full precision although a Linear (MoE routers,
+    a VLM's vision tower and projector) added to the quantization_config's `ignore` list where it has
+    one (compressed-tensors: a `targets: [Linear]` group would otherwise claim them)."""
     from eqat.models.families import registered_families
     from eqat.models.families.spec import saved_name
 
     spec = registered_families().get(getattr(config, "model_type", "") or "")
-    if spec is None or spec.experts is None:
+    if spec is None:
         return state, qconfig
-    if exporter.expert_names == "saved":
-        state = {saved_name(spec, k): v for k, v in state.items()}
-    if spec.router and isinstance(qconfig.get("ignore"), list):
-        router = saved_name(spec, f".{spec.router}.").strip(".") if exporter.expert_names == "saved" else spec.router
-        qconfig = {**qconfig, "ignore": [*qconfig["ignore"], f"re:.*\\.{re.escape(router)}$"]}
+    if exporter.saved_names:
+        state = {saved_name(spec, k, experts=True): v for k, v in state.items()}
+    ignore = list(qconfig["ignore"]) if isinstance(qconfig.get("ignore"), list) else None
+    if ignore is not None and spec.router:
+        router = saved_name(spec, f".{spec.router}.", experts=True).strip(".") if exporter.saved_names else spec.router
+        ignore.append(f"re:.*\\.{re.escape(router)}$")
+    if ignore is not None:  # vision tower and projector, under the loaded model's names and the saved ones
+        ignore += [f"re:(.*\\.)?{re.escape(part.rpartition('.')[2])}\\..*" for part in spec.keep]
+        qconfig = {**qconfig, "ignore": ignore}
     return state, qconfig
 
 
@@ -290,7 +296,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
         for key, count in layer_notes.items():
             notes[key] = notes.get(key, 0) + count
     qconfig = exporter.quantization_config(schemes, opts)
-    state, qconfig = _moe_names(state, qconfig, exporter, config)
+    state, qconfig = _saved_names(state, qconfig, exporter, config)
     bits = bits_summary({n: (schemes(n), *shapes[n]) for n in shapes})
     report = {"format": fmt, "options": opts, "scheme": schemes.default.to_dict(), "schemes": schemes.to_dict(),
               "bits": bits, "source": str(src),
@@ -306,6 +312,7 @@ def export_checkpoint(src: str | Path, fmt: str, out: str | Path, force: bool = 
         except OSError:
             pass  # the source has none
         load_tokenizer(src).save_pretrained(tmp)
+        copy_processor_files(src, tmp)
         if exporter.write_model is not None:
             exporter.write_model(src, state, tmp, schemes, opts)
         else:

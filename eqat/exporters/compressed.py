@@ -168,7 +168,7 @@ COMPRESSED_TENSORS = register(Exporter(
     name="compressed-tensors",
     summary="compressed-tensors pack-quantized checkpoint (weight_packed/weight_scale/weight_zero_point)",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config, holds_mixed=True,
-    holds_activations=True, expert_names="saved",
+    holds_activations=True, holds_experts=True, saved_names=True,
     runtimes="vLLM (WNA16: 2/3/4/8-bit on CUDA, 4-bit on CPU with AVX-512; W8A8 int8 with AVX-512 or CUDA), "
              "transformers with compressed-tensors >= 0.20",
 ))

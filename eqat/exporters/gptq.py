@@ -136,6 +136,6 @@ GPTQ = register(Exporter(
     name="gptq",
     summary="GPTQ v1 (or v2) checkpoint: qweight/qzeros/scales/g_idx",
     why_not=why_not, convert_layer=convert_layer, quantization_config=quantization_config,
-    options={"checkpoint_format": "auto"}, resolve_options=resolve_options, holds_mixed=True, expert_names="eqat",
+    options={"checkpoint_format": "auto"}, resolve_options=resolve_options, holds_mixed=True, holds_experts=True,
     runtimes="GPTQModel and transformers at 2/3/4/8 bits; vLLM only 4/8-bit symmetric",
 ))

@@ -184,6 +184,10 @@ def save_quantized(
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if tok_dir and Path(tok_dir).is_dir():
+            from eqat.models.loading import copy_processor_files
+
+            copy_processor_files(Path(tok_dir), tmp)  # a VLM's image processor and chat template
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "eqat_format": FORMAT_NAME})
         (tmp / EQAT_CONFIG).write_text(json.dumps(meta, indent=2))
         if extra is not None:
@@ -255,10 +259,10 @@ def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
 def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load an eqat checkpoint: (model with QuantLinear modules, tokenizer, eqat_config)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from eqat.core.dtypes import parse_dtype
-    from eqat.models.arch import split_experts
+    from eqat.models.arch import model_class, split_experts
     from eqat.models.loading import check_model_dir, load_tokenizer
 
     p = check_model_dir(path)
@@ -270,7 +274,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EqatInputError(f"cannot read {p / 'config.json'}: {str(e)[:300]}; the checkpoint is damaged.") from e
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_class(config).from_config(config, dtype=torch.float32)
     split_experts(model)  # MoE checkpoints hold per-expert modules
     for name, info in meta["quantized_modules"].items():
         try:

@@ -79,13 +79,22 @@ def split_experts(model: nn.Module) -> list[str]:
     return done
 
 
+def model_class(config: Any) -> Any:
+    """The transformers Auto class that builds `config`'s model: AutoModelForImageTextToText for a
+    vision-language family (FamilySpec.auto_class), else AutoModelForCausalLM."""
+    import transformers
+
+    spec = registered_families().get(getattr(config, "model_type", None) or "")
+    vlm = spec is not None and spec.auto_class == "image-text-to-text"
+    return transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+
+
 def model_skeleton(config: Any) -> nn.Module:
-    """The causal LM of `config` with empty (meta) tensors: its structure and shapes, no memory."""
+    """The model of `config` with empty (meta) tensors: its structure and shapes, no memory."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings untied
     split_experts(model)
     return model

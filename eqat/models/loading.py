@@ -1,4 +1,5 @@
-"""Load a Hugging Face causal LM from a local folder, with errors a user can act on."""
+"""Load a Hugging Face causal LM (or a vision-language model eqat has a family spec for) from a local
+folder, with errors a user can act on."""
 
 from __future__ import annotations
 
@@ -29,10 +30,37 @@ def check_model_dir(path: str | Path) -> Path:
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise EqatInputError(f"{cfg}: 'architectures' must be a list of class names, not {archs!r:.80}.")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+    if archs and not any(a.endswith("ForCausalLM") for a in archs) and not _is_vlm(config):
         raise EqatInputError(f"{p} holds a {', '.join(archs)}, not a causal LM; eqat quantizes decoder-only "
-                             "causal language models (…ForCausalLM).")
+                             "causal language models (…ForCausalLM) and the language model of the vision-language "
+                             f"families it has specs for ({', '.join(_vlm_types())}).")
     return p
+
+
+def _vlm_types() -> list[str]:
+    from eqat.models.families import registered_families
+
+    return sorted(t for t, s in registered_families().items() if s.auto_class == "image-text-to-text")
+
+
+def _is_vlm(config: dict) -> bool:
+    return config.get("model_type") in _vlm_types()
+
+
+# what a vision-language model's processor reads beside the tokenizer (AutoProcessor.save_pretrained)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src: Path, dst: Path) -> list[str]:
+    """Copy the processor files of `src` that exist into `dst`, so that a checkpoint or export loads
+    with AutoProcessor as its base model does; returns their names."""
+    import shutil
+
+    done = [name for name in PROCESSOR_FILES if (src / name).is_file()]
+    for name in done:
+        shutil.copyfile(src / name, dst / name)
+    return done
 
 
 def load_tokenizer(p: Path) -> object:
@@ -50,14 +78,15 @@ def load_tokenizer(p: Path) -> object:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError
+    from transformers import AutoConfig
+
+    from eqat.models.arch import model_class
 
     p = check_model_dir(path)
     tokenizer = load_tokenizer(p)
-    from safetensors import SafetensorError
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+        model = model_class(AutoConfig.from_pretrained(p)).from_pretrained(p, dtype=dtype)
     except SafetensorError as e:
         raise EqatInputError(f"cannot read the weights in {p}: {e}. A .safetensors file is truncated or damaged; "
                              "copy the model again.") from e

@@ -244,8 +244,11 @@ def activations_quantized(qc: dict) -> bool:
 
 
 def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from eqat.models.arch import model_class
+
+    auto = model_class(AutoConfig.from_pretrained(folder))  # AutoModelForImageTextToText for a VLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "compressed-tensors":
         from transformers import CompressedTensorsConfig
@@ -254,11 +257,11 @@ def _load_transformers(folder: Path, kind: str, qc: dict) -> Loaded:
         # decodes every layer with one scheme, so mixed precision (symmetric only, _transformers_why_not) runs compressed
         dtype = torch.float16 if device == "cuda" else torch.float32
         mixed = len(weight_schemes(kind, qc)) > 1
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
+        model = auto.from_pretrained(folder, dtype=dtype, device_map=device,
                                                      quantization_config=CompressedTensorsConfig(dequantize=not mixed))
     else:
         dtype = torch.float16
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+        model = auto.from_pretrained(folder, dtype=dtype, device_map=device)
     return Loaded(_hf_logits(model), dtype, device, _kernel_name(model))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from eqat.errors import EqatInputError
 from eqat.models.families.spec import FAMILIES, FamilySpec, Site, register_family
-from eqat.models.families import gemma, llama, mixtral, olmo2, olmoe, phi3, qwen3_moe  # noqa: F401  (each registers)
+from eqat.models.families import gemma, llama, mixtral, olmo2, olmoe, phi3, qwen3_moe, vlm  # noqa: F401  (each registers)
 
 __all__ = ["FAMILIES", "FamilySpec", "Site", "register_family", "registered_families", "family_for"]
 
@@ -43,6 +43,11 @@ def family_for(model: nn.Module) -> FamilySpec:
         blocks = model.get_submodule(spec.blocks)
     except AttributeError:
         blocks = None
+    if (not isinstance(blocks, nn.ModuleList) or len(blocks) == 0) and spec.auto_class == "image-text-to-text":
+        raise EqatInputError(f"cannot locate the language model of this vision-language {type(model).__name__} (model "
+                             f"type '{model_type}'): the {spec.name} family spec puts its decoder blocks at "
+                             f"'{spec.blocks}', which this model does not have; its layout differs from the one "
+                             "transformers 5 builds for that type (docs/extending.md, 'A model family').")
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise EqatInputError(f"{type(model).__name__} (model type '{model_type}') has no decoder blocks at "
                              f"'{spec.blocks}', where the {spec.name} family spec puts them; this checkpoint's layout "

@@ -13,7 +13,7 @@ ATTENTION_SITES: tuple[Site, ...] = tuple(s for s in LLAMA_SITES if s.name in ("
 
 MIXTRAL = register_family(FamilySpec(name="mixtral", model_types=("mixtral",), sites=ATTENTION_SITES,
                                      experts="mlp.experts", router="mlp.gate",
-                                     saved_names=((r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.\1."),
-                                                  (r"(\.experts\.\d+\.)gate_proj\.", r"\1w1."),
-                                                  (r"(\.experts\.\d+\.)up_proj\.", r"\1w3."),
-                                                  (r"(\.experts\.\d+\.)down_proj\.", r"\1w2."))))
+                                     expert_saved_names=((r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.\1."),
+                                                         (r"(\.experts\.\d+\.)gate_proj\.", r"\1w1."),
+                                                         (r"(\.experts\.\d+\.)up_proj\.", r"\1w3."),
+                                                         (r"(\.experts\.\d+\.)down_proj\.", r"\1w2."))))

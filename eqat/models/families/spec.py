@@ -43,15 +43,24 @@ class FamilySpec:
     # splits into per-expert Linears, eqat.models.experts); None for a dense family
     experts: str | None = None
     router: str | None = None  # MoE: the router inside a sparse block (full precision; formats that target Linears ignore it)
-    # eqat's tensor names -> the names transformers' save_pretrained writes, as (regex, replacement)
-    # applied in order, for formats whose runtimes read those (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2)
+    # eqat's tensor names (transformers 5's module names) -> the names transformers' save_pretrained
+    # writes, as (regex, replacement) applied in order, for exporters with `saved_names` (LLaVA:
+    # model.language_model.layers -> language_model.model.layers, as published checkpoints are named)
     saved_names: tuple[tuple[str, str], ...] = ()
+    # the same for MoE experts (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2); GPTQModel reads eqat's
+    expert_saved_names: tuple[tuple[str, str], ...] = ()
+    # vision-language models: the transformers Auto class that builds the model ("causal":
+    # AutoModelForCausalLM, "image-text-to-text": AutoModelForImageTextToText), and the parts outside the
+    # language model's blocks kept in full precision (vision tower, projector), which exporters' configs ignore
+    auto_class: str = "causal"
+    keep: tuple[str, ...] = ()
     notes: str = ""  # what a user should know (reported by `eqat info`)
 
 
-def saved_name(spec: FamilySpec, name: str) -> str:
-    """`name` (eqat's, e.g. model.layers.0.mlp.experts.3.gate_proj.weight) as transformers saves it."""
-    for pattern, replacement in spec.saved_names:
+def saved_name(spec: FamilySpec, name: str, experts: bool = False) -> str:
+    """`name` (eqat's, e.g. model.layers.0.mlp.experts.3.gate_proj.weight) as transformers saves it;
+    MoE expert names too when `experts`."""
+    for pattern, replacement in (*spec.saved_names, *(spec.expert_saved_names if experts else ())):
         name = re.sub(pattern, replacement, name)
     return name
 
