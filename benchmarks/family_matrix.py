@@ -32,7 +32,7 @@ from eqat.io.report import environment, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-            "mixtral", "qwen3_moe", "olmoe")
+            "mixtral", "qwen3_moe", "olmoe", "llava", "qwen2_vl")
 SMALL = ["--nsamples", "4", "--val-samples", "2", "--calib-seqlen", "32", "--epochs", "1", "--batch-size", "2",
          "--e2e-nsamples", "4", "--e2e-val-samples", "2", "--e2e-seqlen", "32", "--e2e-steps", "2",
          "--e2e-batch-size", "2", "--e2e-grad-accum", "1", "--no-eval", "-q"]
@@ -118,12 +118,14 @@ def markdown(rows: list[dict]) -> str:
     lines += [f"| {r['family']} | " + " | ".join(cell(r["exporters"][f]) if f in r["exporters"] else "not run: RTN failed"
                                                  for f in EXPORTERS) + " |" for r in rows]
     lines += ["", "## Runtimes (`eqat validate` of each written export against eqat's forward)", ""]
-    for r in rows:
-        if not r["runtimes"]:
-            lines.append(f"- **{r['family']}**: nothing to validate (no export written)")
-            continue
-        parts = [f"{k}: {cell(v)}" for k, v in r["runtimes"].items()]
-        lines.append(f"- **{r['family']}**: " + "; ".join(parts))
+    runs = [r for r in rows if r["runtimes"]]
+    columns = sorted({k.removeprefix(f"{r['family']}-") for r in runs for k in r["runtimes"]})
+    if runs:
+        lines += ["| family | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in runs:
+        found = {k.removeprefix(f"{r['family']}-"): v for k, v in r["runtimes"].items()}
+        lines.append(f"| {r['family']} | " + " | ".join(cell(found[c]) if c in found else "-" for c in columns) + " |")
+    lines += [f"- **{r['family']}**: nothing to validate (no export written)" for r in rows if not r["runtimes"]]
     return "\n".join(lines) + "\n"
 
 

@@ -178,7 +178,7 @@ def run_block_ap(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, con
 
 
 def run_block_ap_e2e(model_path: Path, scheme: QuantScheme, calib: torch.Tensor, config: BlockAPConfig,
-                     workdir: Path) -> tuple[torch.nn.Module, dict]:
+                     workdir: Path, fp_yardstick: bool = True) -> tuple[torch.nn.Module, dict]:
     """Block-AP (reused from `block_ap_dir` when finished), then `eqat train-e2e` and the
     full-precision fine-tuning yardstick, each in its own process so each peak is its own."""
     model, bap = run_block_ap(model_path, scheme, calib, config, workdir)
@@ -194,9 +194,12 @@ def run_block_ap_e2e(model_path: Path, scheme: QuantScheme, calib: torch.Tensor,
     t = time.perf_counter()
     e2e_report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     e2e_seconds = time.perf_counter() - t
-    fp_cmd = [sys.executable, str(Path(__file__).with_name("fp_finetune_memory.py")), "--batch-size", str(cfg.batch_size),
-              "--grad-accum", str(cfg.grad_accum), "--seqlen", str(cfg.seqlen), "--model", str(model_path)]
-    fp_ft = json.loads(subprocess.run(fp_cmd, check=True, capture_output=True, text=True).stdout)
+    fp_ft = None
+    if fp_yardstick:
+        fp_cmd = [sys.executable, str(Path(__file__).with_name("fp_finetune_memory.py")), "--batch-size",
+                  str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum), "--seqlen", str(cfg.seqlen), "--model",
+                  str(model_path)]
+        fp_ft = json.loads(subprocess.run(fp_cmd, check=True, capture_output=True, text=True).stdout)
     e2e = e2e_report["e2e_qp"]
     e2e.pop("log", None)
     model, _, _ = load_quantized(e2e_out)
@@ -234,11 +237,12 @@ def run_eqat_config(model_path: Path, scheme: QuantScheme, config: str, workdir:
 
 def run_method(method: str, model_path: Path, scheme: QuantScheme | None, calib: torch.Tensor,
                config: BlockAPConfig, workdir: Path, autoround_python: str | None = None,
-               autoround_iters: int = AUTOROUND_DEFAULTS["iters"]) -> tuple[torch.nn.Module, dict]:
+               autoround_iters: int = AUTOROUND_DEFAULTS["iters"], fp_yardstick: bool = True
+               ) -> tuple[torch.nn.Module, dict]:
     if method == "block-ap":
         return run_block_ap(model_path, scheme, calib, config, workdir)
     if method == "block-ap+e2e":
-        return run_block_ap_e2e(model_path, scheme, calib, config, workdir)
+        return run_block_ap_e2e(model_path, scheme, calib, config, workdir, fp_yardstick)
     if method.startswith("eqat[") and method.endswith("]"):
         return run_eqat_config(model_path, scheme, method[5:-1], workdir)
     if method == "gptq":
@@ -312,10 +316,11 @@ def markdown(name: str, results: dict) -> str:
         gib = 2**30
         for r in sorted(e2e_rows, key=lambda r: r["scheme"]):
             e, f = r["e2e_qp"], r["fp_finetune"]
+            fp_peak = f"{f['peak_memory']['peak_bytes'] / gib:.2f}" if f else "not run"
             md.append(f"| {r['scheme']} | {r['block_ap']['method_seconds']:.0f} | {e['train_seconds']:.0f} | {e['steps']} | "
                       f"{e['tokens_per_second']:.0f} | {e['trainable_params']:,} | {e['val_loss_before']:.3f} -> "
                       f"{e['val_loss_after']:.3f} | {e['peak_memory']['peak_bytes'] / gib:.2f} | "
-                      f"{f['peak_memory']['peak_bytes'] / gib:.2f} |")
+                      f"{fp_peak} |")
     return "\n".join(md) + "\n"
 
 
@@ -340,6 +345,8 @@ def main() -> None:
     ap.add_argument("--autoround-python", default=None,
                     help=f"Python with auto-round (scripts/install_autoround.sh); default {AUTOROUND_VENV}/bin/python "
                          "when it exists, else this Python")
+    ap.add_argument("--no-fp-yardstick", action="store_true",
+                    help="block-ap+e2e: skip the full-precision AdamW fine-tuning run measured for memory beside E2E-QP")
     args = ap.parse_args()
 
     model_path = resolve_model(args.model)
@@ -363,7 +370,7 @@ def main() -> None:
                 calib = calibration_windows(tok, args.calib_data, AUTOROUND_DEFAULTS["nsamples"],
                                             AUTOROUND_DEFAULTS["seqlen"], args.seed)
             model, info = run_method(method, model_path, scheme, calib, config, args.work_dir,
-                                     args.autoround_python, args.autoround_iters)
+                                     args.autoround_python, args.autoround_iters, not args.no_fp_yardstick)
             r = perplexity(model, ids, args.seqlen, args.max_windows, desc=f"{label} {scheme_name or ''}")
             row = {"method": label, "scheme": scheme_name or "-", "ppl": r.ppl, **info, "eval": r.to_dict()}
             results = merge_row(path, settings, row)
