@@ -38,7 +38,8 @@ def moe_facts(config: dict) -> dict | None:
 
 def folder_kind(path: Path) -> tuple[str, dict]:
     """(kind, quantization_config) of a model folder: eqat, gptq, bitblas, awq, compressed-tensors or onnx.
-    An export of an MoE model gets `moe` (moe_facts) in its quantization_config, for the backends."""
+    An export's quantization_config gets its `model_type`, and `moe` (moe_facts) for an MoE model, for the
+    backends."""
     if (path / "eqat_config.json").exists():
         return "eqat", json.loads((path / "eqat_config.json").read_text())["scheme"]
     try:
@@ -46,6 +47,7 @@ def folder_kind(path: Path) -> tuple[str, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise EqatInputError(f"{path} has no readable config.json ({e}); pass an eqat checkpoint or an `eqat export` folder.") from e
     qc = dict(config.get("quantization_config") or {})
+    qc["model_type"] = config.get("model_type")
     if moe_facts(config):
         qc["moe"] = moe_facts(config)
     method = qc.get("quant_method")
@@ -143,11 +145,22 @@ register(Backend("eqat-triton", ("eqat",), _triton_why_not, _load_eqat("triton",
 
 # GPTQModel
 
+# model types whose eqat exports GPTQModel 7.6 does not load, and why (seen on tiny models, family_matrix.py)
+GPTQMODEL_CANNOT = {
+    "phi3": ("GPTQModel 7.6 reads Phi-3 with its MLP split into gate_proj/up_proj, and the export holds transformers' "
+             "fused mlp.gate_up_proj (\"Missing required quantized weights ... mlp.gate_proj.qweight\"); validate with "
+             "transformers"),
+    "llava": "GPTQModel 7.6 has no LLaVA definition (it builds AutoModelForCausalLM, which refuses LlavaConfig)",
+}
+
+
 def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
     writer = " ".join((qc.get("meta") or {}).get("quantizer") or [])
     if kind == "gptq" and qc.get("checkpoint_format") == "gptq" and not qc.get("sym") and "gptqmodel" not in writer:
         return ("GPTQModel reads asymmetric GPTQ v1 only when GPTQModel >= 0.9 wrote it; export with "
                 "--checkpoint-format gptq_v2 (the default for asymmetric schemes)")
+    if qc.get("model_type") in GPTQMODEL_CANNOT:
+        return GPTQMODEL_CANNOT[qc["model_type"]]
     moe = qc.get("moe") or {}
     if moe.get("model_type") == "qwen3_moe" and moe.get("dense_blocks"):
         return (f"GPTQModel 7.6's Qwen3-MoE definition takes every block's MLP as sparse, so the dense MLPs of blocks "

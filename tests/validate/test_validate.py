@@ -317,3 +317,17 @@ def test_a_writable_report_folder_passes_the_check_and_leaves_nothing(tmp_path):
     check_report_folder(tmp_path / "new" / "deeper" / "report")  # parents are created only when the report is written
     check_report_folder(tmp_path)  # an existing folder, replaced later
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gptqmodel_is_skipped_for_the_layouts_it_misreads(tmp_path, tiny_tokenizer):
+    """Phi-3's fused gate_up_proj (GPTQModel 7.6 wants it split) and LLaVA (no GPTQModel definition):
+    skipped with the reason instead of an error."""
+    from eqat.validate.backends import BACKENDS
+
+    for family, words in (("phi3", "gate_proj/up_proj"), ("llava", "no LLaVA definition")):
+        model = tiny_model(family, vocab=len(tiny_tokenizer))
+        quantize_rtn(model, QuantScheme(4, 32))
+        ck = save_quantized(model, tiny_tokenizer, tmp_path / f"{family}-ck")
+        export_checkpoint(ck, "gptq", tmp_path / family, progress=False)
+        kind, qc = folder_kind(tmp_path / family)
+        assert qc["model_type"] == family and words in BACKENDS["gptqmodel"].why_not(kind, qc)
