@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,9 @@ METHODS = {"rtn": ["--scheme", "w4g32sym"], "block-ap+e2e-qp": ["--scheme", "w4g
 
 
 def eqat(*args: str) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "eqat", *args], capture_output=True, text=True)
+    # wide, so that eqat's error message (rich wraps it to the terminal) stays on one line for reason()
+    env = {**os.environ, "COLUMNS": "1000"}
+    proc = subprocess.run([sys.executable, "-m", "eqat", *args], capture_output=True, text=True, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
