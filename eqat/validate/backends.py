@@ -145,12 +145,13 @@ register(Backend("eqat-triton", ("eqat",), _triton_why_not, _load_eqat("triton",
 
 # GPTQModel
 
-# model types whose eqat exports GPTQModel 7.6 does not load, and why (seen on tiny models, family_matrix.py)
+# (model type, folder kind or "*") whose eqat exports GPTQModel 7.6 does not load, and why (seen on tiny
+# models, benchmarks/family_matrix.py; its AWQ path loads Phi-3's fused gate_up_proj)
 GPTQMODEL_CANNOT = {
-    "phi3": ("GPTQModel 7.6 reads Phi-3 with its MLP split into gate_proj/up_proj, and the export holds transformers' "
+    ("phi3", "gptq"): ("GPTQModel 7.6 reads Phi-3 with its MLP split into gate_proj/up_proj, and the export holds transformers' "
              "fused mlp.gate_up_proj (\"Missing required quantized weights ... mlp.gate_proj.qweight\"); validate with "
              "transformers"),
-    "llava": "GPTQModel 7.6 has no LLaVA definition (it builds AutoModelForCausalLM, which refuses LlavaConfig)",
+    ("llava", "*"): "GPTQModel 7.6 has no LLaVA definition (it builds AutoModelForCausalLM, which refuses LlavaConfig)",
 }
 
 
@@ -159,8 +160,9 @@ def _gptqmodel_why_not(kind: str, qc: dict) -> str | None:
     if kind == "gptq" and qc.get("checkpoint_format") == "gptq" and not qc.get("sym") and "gptqmodel" not in writer:
         return ("GPTQModel reads asymmetric GPTQ v1 only when GPTQModel >= 0.9 wrote it; export with "
                 "--checkpoint-format gptq_v2 (the default for asymmetric schemes)")
-    if qc.get("model_type") in GPTQMODEL_CANNOT:
-        return GPTQMODEL_CANNOT[qc["model_type"]]
+    cannot = GPTQMODEL_CANNOT.get((qc.get("model_type"), kind)) or GPTQMODEL_CANNOT.get((qc.get("model_type"), "*"))
+    if cannot:
+        return cannot
     moe = qc.get("moe") or {}
     if moe.get("model_type") == "qwen3_moe" and moe.get("dense_blocks"):
         return (f"GPTQModel 7.6's Qwen3-MoE definition takes every block's MLP as sparse, so the dense MLPs of blocks "
