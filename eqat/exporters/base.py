@@ -241,10 +241,10 @@ def _saved_names(state: dict[str, torch.Tensor], qconfig: dict, exporter: Export
     if spec is None:
         return state, qconfig
     if exporter.saved_names:
-        state = {saved_name(spec, k, experts=True): v for k, v in state.items()}
+        state = {saved_name(spec, k): v for k, v in state.items()}
     ignore = list(qconfig["ignore"]) if isinstance(qconfig.get("ignore"), list) else None
     if ignore is not None and spec.router:
-        router = saved_name(spec, f".{spec.router}.", experts=True).strip(".") if exporter.saved_names else spec.router
+        router = saved_name(spec, f".{spec.router}.").strip(".") if exporter.saved_names else spec.router
         ignore.append(f"re:.*\\.{re.escape(router)}$")
     if ignore is not None:  # vision tower and projector, under the loaded model's names and the saved ones
         ignore += [f"re:(.*\\.)?{re.escape(part.rpartition('.')[2])}\\..*" for part in spec.keep]

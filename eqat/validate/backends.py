@@ -48,8 +48,9 @@ def folder_kind(path: Path) -> tuple[str, dict]:
         raise EqatInputError(f"{path} has no readable config.json ({e}); pass an eqat checkpoint or an `eqat export` folder.") from e
     qc = dict(config.get("quantization_config") or {})
     qc["model_type"] = config.get("model_type")
-    if moe_facts(config):
-        qc["moe"] = moe_facts(config)
+    moe = moe_facts(config)
+    if moe:
+        qc["moe"] = moe
     method = qc.get("quant_method")
     if method == "gptq":
         return ("bitblas" if qc.get("checkpoint_format") == "bitblas" else "gptq"), qc

@@ -43,13 +43,10 @@ def family_for(model: nn.Module) -> FamilySpec:
         blocks = model.get_submodule(spec.blocks)
     except AttributeError:
         blocks = None
-    if (not isinstance(blocks, nn.ModuleList) or len(blocks) == 0) and spec.auto_class == "image-text-to-text":
-        raise EqatInputError(f"cannot locate the language model of this vision-language {type(model).__name__} (model "
-                             f"type '{model_type}'): the {spec.name} family spec puts its decoder blocks at "
-                             f"'{spec.blocks}', which this model does not have; its layout differs from the one "
-                             "transformers 5 builds for that type (docs/extending.md, 'A model family').")
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise EqatInputError(f"{type(model).__name__} (model type '{model_type}') has no decoder blocks at "
+        vlm = ("cannot locate the language model of this vision-language model: "
+               if spec.auto_class == "image-text-to-text" else "")
+        raise EqatInputError(f"{vlm}{type(model).__name__} (model type '{model_type}') has no decoder blocks at "
                              f"'{spec.blocks}', where the {spec.name} family spec puts them; this checkpoint's layout "
                              "differs from the one transformers builds for that type (docs/extending.md).")
     return spec

@@ -57,10 +57,9 @@ class FamilySpec:
     notes: str = ""  # what a user should know (reported by `eqat info`)
 
 
-def saved_name(spec: FamilySpec, name: str, experts: bool = False) -> str:
-    """`name` (eqat's, e.g. model.layers.0.mlp.experts.3.gate_proj.weight) as transformers saves it;
-    MoE expert names too when `experts`."""
-    for pattern, replacement in (*spec.saved_names, *(spec.expert_saved_names if experts else ())):
+def saved_name(spec: FamilySpec, name: str) -> str:
+    """`name` (eqat's, e.g. model.layers.0.mlp.experts.3.gate_proj.weight) as transformers saves it."""
+    for pattern, replacement in (*spec.saved_names, *spec.expert_saved_names):
         name = re.sub(pattern, replacement, name)
     return name
 

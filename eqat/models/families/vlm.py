@@ -1,7 +1,8 @@
 """Vision-language models: eqat quantizes the language model's decoder blocks and keeps the vision
 tower and the projector in full precision (`keep`, listed in exporters' ignore lists). transformers 5
 builds them with AutoModelForImageTextToText and names the language model `model.language_model`;
-`save_pretrained` writes the names published checkpoints have, which every export writes too.
+`save_pretrained` writes the names published checkpoints have, which compressed-tensors exports
+write too (GPTQ keeps eqat's names, which GPTQModel reads).
 
 - LLaVA (`llava`): CLIP/SigLIP vision tower `model.vision_tower`, projector
   `model.multi_modal_projector`, a Llama-like language model (Llama, Mistral, Qwen2, Vicuna: Llama's
