@@ -19,7 +19,10 @@ nothing is unpickled.
 
 A step with a non-finite loss or gradient is skipped (eqat.engine.guard); after repeated ones the
 block restarts from its state before training (in float32 after a bf16 overflow, then at half the
-learning rates). A block whose packed output or stored tensors are not finite stops the run
+learning rates). A block whose training ends no better than its start on the held-out windows
+(with --keep-best) is trained again from that start at a tenth of the learning rates, at most twice
+per run, and later blocks keep the lowered rates (--lr-backoff; Gemma 3's blocks need rates ~100x
+below SmolLM2's, docs/block-ap.md). A block whose packed output or stored tensors are not finite stops the run
 (EqatError, exit 1) before it is saved. The engine never looks at which method it runs.
 """
 
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 STATE = "state.json"
 KWARGS = "block_kwargs"  # block_kwargs.json + .safetensors: the blocks' keyword arguments, by attention type
 MAX_RESTARTS = 2  # restarts of a block after repeated non-finite steps, each at half the learning rates
+BACKOFF, MAX_BACKOFF_LEVEL = 0.1, 2  # --lr-backoff: each cut multiplies the rates by BACKOFF, at most this often per run
 
 
 @dataclass
@@ -79,7 +83,7 @@ class BlockRecord:
     train_losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (eqat/engine/guard.py)
     restarts: int = 0  # restarts from the block's state before training, each at half the learning rates
-    lr_scale: float = 1.0
+    lr_scale: float = 1.0  # the learning rates' multiplier the kept training ran at (restarts, backoffs)
     scales_at_limit: int = 0  # stored scales at SCALE_MIN or SCALE_MAX (eqat.core.quantizer)
     scales_total: int = 0
     kept_epoch: int = -1  # which packed state was kept: 0 = the start (RTN), k = after epoch k
@@ -91,6 +95,8 @@ class BlockRecord:
     # MoE blocks: tokens routed to each expert over the calibration windows (full-precision inputs), by
     # experts module; an expert no token reaches gets no gradient and keeps its round-to-nearest start
     routing: dict[str, Any] = field(default_factory=dict)
+    backoffs: int = 0  # --lr-backoff: times this block was trained again at a tenth of the rates
+    backoff_level: int = 0  # backoffs so far in the run (this block's and earlier blocks'), carried to the next block
 
 
 @dataclass
@@ -414,7 +420,9 @@ class BlockwiseEngine:
         calibration = self.method.calibrate_block(block, data, self._block_schemes(i), cfg)
         backup = copy.deepcopy(block)  # the block's last good state, restored on a restart
         guard = NonFiniteGuard(f"{self.method.label} block {i}")
-        restarts, lr_scale = 0, 1.0
+        restarts, backoffs = 0, 0
+        level = self.records[-1].backoff_level if self.records else 0
+        lr_scale = BACKOFF ** level
         while True:
             groups = self.method.prepare_block(block, self._block_schemes(i), cfg)
             init_loss = self._loss(block, xq, yfp, val, kw)
@@ -426,7 +434,6 @@ class BlockwiseEngine:
             try:
                 losses, steps = self._train(i, block, groups, xq, yfp, n_train, kw, precision != "fp32", guard, lr_scale,
                                             on_epoch)
-                break
             except NonFiniteRun as e:
                 self.blocks[i] = block = copy.deepcopy(backup)
                 guard.consecutive = 0
@@ -439,6 +446,11 @@ class BlockwiseEngine:
                                     "the run resumes at this block: re-run with lower learning rates (e.g. --lr-weight/"
                                     "--lr-quant) or --act-dtype float32.") from e
                 lr_scale /= 2
+                continue
+            if not (cfg.lr_backoff and cfg.keep_best and losses and best.epoch == 0 and level < MAX_BACKOFF_LEVEL):
+                break
+            self.blocks[i] = block = copy.deepcopy(backup)  # training made it worse: again, from the start, slower
+            level, backoffs, lr_scale = level + 1, backoffs + 1, lr_scale * BACKOFF
         fake_quant_loss = self._loss(block, xq, yfp, val, kw)  # the trained block before packing
         if cfg.keep_best:
             block, final_loss, kept = best.block, best.loss, best.epoch
@@ -453,7 +465,8 @@ class BlockwiseEngine:
         rec = BlockRecord(i, init_loss, final_loss, losses[0] if losses else init_loss,
                           losses[-1] if losses else init_loss, steps, time.perf_counter() - t0, precision, losses,
                           guard.skipped, restarts, lr_scale, at_limit, n_scales, kept, fake_quant_loss, best.losses,
-                          cfg.keep_best_by if cfg.keep_best else "last", best.scores, calibration, routing)
+                          cfg.keep_best_by if cfg.keep_best else "last", best.scores, calibration, routing,
+                          backoffs, level)
         self.records.append(rec)
         return yfp, xq_next
 

@@ -27,6 +27,9 @@ class BlockwiseConfig:
     act_dtype: str = option("bfloat16", "dtype of stored activations: bfloat16, float16, float32.")
     keep_best: bool = option(True, "Keep each block's best packed state on the held-out windows (the start, i.e. RTN, "
                                    "or the end of an epoch) instead of the last one.", flags=("--keep-best/--keep-last",))
+    lr_backoff: bool = option(True, "With --keep-best: a block whose training ends no better than its start is trained "
+                                    "again at a tenth of the learning rates (twice per run at most; later blocks keep "
+                                    "the lowered rates; docs/block-ap.md).", flags=("--lr-backoff/--no-lr-backoff",))
     keep_best_by: str = option("loss", "What --keep-best compares: loss (the method's block loss on the held-out "
                                        "windows) or nll (their next-token loss through the rest of the model in full "
                                        "precision; slower, for when one entry owns the block loss, as at 2 bits).")

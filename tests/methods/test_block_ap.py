@@ -188,7 +188,8 @@ def test_relative_loss_trains_and_is_recorded(tmp_path):
 def test_a_block_never_ends_worse_than_its_start(tmp_path):
     """Training that hurts (a learning rate 300x too high) keeps the packed RTN start; the record
     says which state was kept and what each candidate scored."""
-    model, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3))
+    model, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, lr_backoff=False))
+    assert all(r.backoffs == 0 and r.lr_scale == 1.0 for r in records)
     rtn = tiny_model()
     quantize_rtn(rtn, SCHEME)
     for r in records:
@@ -201,6 +202,41 @@ def test_a_block_never_ends_worse_than_its_start(tmp_path):
         q, ref = model.model.layers[0].self_attn.q_proj, rtn.model.layers[0].self_attn.q_proj
         assert torch.equal(q.qweight, ref.qweight) and torch.equal(q.scales, ref.scales)
     assert block0
+
+
+def test_a_block_that_training_hurts_is_trained_again_at_a_tenth_of_the_rates(tmp_path):
+    """--lr-backoff (the default): a learning rate 300x too high makes block 0 end at its start, so it
+    trains again from that start at 0.03, then 0.003, which helps; the next block starts at 0.003
+    (the level is carried), and no block backs off more than twice in the run."""
+    _, hurt = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3, lr_backoff=False), name="off")
+    assert hurt[0].kept_epoch == 0, hurt[0].heldout_losses  # the premise: at 0.3, block 0 keeps its start
+    _, records = train(tmp_path, config=cfg(lr_weight=0.3, lr_quant=0.3), name="on")
+    first, second = records
+    assert first.backoffs >= 1 and first.backoff_level == first.backoffs
+    assert first.lr_scale == pytest.approx(0.1 ** first.backoffs)
+    assert first.kept_epoch > 0 and first.final_loss < first.init_loss < hurt[0].final_loss * 1.0001
+    assert second.backoff_level >= first.backoff_level and second.backoff_level <= 2
+    assert second.lr_scale == pytest.approx(0.1 ** second.backoff_level)
+    assert second.backoffs == second.backoff_level - first.backoff_level
+
+
+def test_resume_keeps_the_lowered_rates(tmp_path):
+    """A run killed after block 0 backed off resumes block 1 at the lowered rates: the same records
+    and model as the uninterrupted run."""
+    config = cfg(lr_weight=0.3, lr_quant=0.3)
+    ref, ref_records = train(tmp_path, config=config, name="ref")
+    assert ref_records[0].backoff_level >= 1
+
+    def die(rec):
+        raise Kill
+
+    with pytest.raises(Kill):
+        train(tmp_path, config=config, name="killed", on_block=die)
+    resumed, records = train(tmp_path, config=config, name="killed")
+    assert [(r.backoffs, r.backoff_level, r.lr_scale) for r in records] == \
+        [(r.backoffs, r.backoff_level, r.lr_scale) for r in ref_records]
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_keep_best_by_nll_scores_each_candidate_through_the_rest_of_the_model(tmp_path):
