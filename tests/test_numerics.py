@@ -34,20 +34,22 @@ COMMON = ["--nsamples", "8", "--val-samples", "2", "--calib-seqlen", "32", "--ba
 # (benchmarks/results/numerics_hashes_pinned.md); issue 19's keep-best changed the block-ap ones on
 # purpose: w4g32 now keeps the RTN start in both blocks (training raised their held-out loss), so
 # its tensors equal RTN's (benchmarks/results/numerics_hashes_keep_best.md); then training through the
-# stored float16 scales changed block-ap w2g32 and block-ap+e2e-qp w2g32 (numerics_hashes_storage_ste.md)
+# stored float16 scales changed block-ap w2g32 and block-ap+e2e-qp w2g32 (numerics_hashes_storage_ste.md);
+# --lr-backoff (session 14) changed every block-ap hash: on this random model some blocks end at their start and
+# train again at a tenth of the rates (numerics_hashes_backoff.md)
 EXPECTED = {
     "rtn w2g32": {"sha256": "dd9c1aa78cb5eaa287f1af3f86783f4c86f3b9d2c75d26dfd67c60e605b47bfd",
                  "ppl": 319.75564113640394},
-    "block-ap w2g32": {"sha256": "6ca14e1770431fc75f790182c842ac6f389aa166fba686887e0b048cfa9e0b10",
-                      "ppl": 321.641002123423},
-    "block-ap+e2e-qp w2g32": {"sha256": "ac3ef5ccf4055613e1b522713a7ab292fcdda3830218733dfa34e58ee895bcdb",
-                             "ppl": 320.87743276978745},
+    "block-ap w2g32": {"sha256": "e712f6bf8984dd7bef8216ac407523d71401a4fffba78af47dfef1c739e8b309",
+                      "ppl": 320.1819793032219},
+    "block-ap+e2e-qp w2g32": {"sha256": "fc47dee0627e1d1c883f6f2254ed4bcf8b00b5803ad154f0d9a153f69ab99822",
+                             "ppl": 319.3125420097826},
     "rtn w4g32": {"sha256": "42fa52923be97f3fabb75c323c7195f0d7414190f7d1899a23b49b7e39bfcfcb",
                  "ppl": 323.27872023087053},
-    "block-ap w4g32": {"sha256": "42fa52923be97f3fabb75c323c7195f0d7414190f7d1899a23b49b7e39bfcfcb",
-                      "ppl": 323.27872023087053},
-    "block-ap+e2e-qp w4g32": {"sha256": "d3d0218f8af6ef17ab5fd8cf342a58d67ea2fb7eb6bb9656b4b071327c461eea",
-                             "ppl": 320.1807973079963},
+    "block-ap w4g32": {"sha256": "03ff669f454ec07b4edc047dac17670c79dd76b0d28d1a2163b3d60b503322b2",
+                      "ppl": 322.7524091384015},
+    "block-ap+e2e-qp w4g32": {"sha256": "77ff5f848b9d31a7d36f40e4d2114bf8eb215d22f276a2f7d32bd5d5263ea275",
+                             "ppl": 319.90236208380395},
 }
 
 
