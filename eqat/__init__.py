@@ -7,8 +7,15 @@ names below load their modules on first use.
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# transformers and GPTQModel import torchao (a GPTQModel dependency) when installed; torchao then logs a
+# warning per CUDA extension a CPU build lacks, and torch one per Enum it registers: noise on every
+# command, about nothing eqat uses. Their errors still show.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from eqat.errors import EqatError, EqatInputError  # noqa: E402
 from eqat.core.scheme import QuantScheme  # noqa: E402
