@@ -80,6 +80,7 @@ class QuantizeOptions:
     calib: CalibOptions = option(factory=CalibOptions, cli=False)
     skip_e2e: bool = option(False, "Stop after the first method of --method (drop its end-to-end methods).", result=False)
     configs: dict = option(factory=dict, cli=False)  # method name -> its config; a missing one: the defaults
+    ignored_flags: list = option(factory=list, cli=False, result=False)  # warnings: method flags no method of the plan reads
     progress: bool = option(True, cli=False, result=False)
     allow_unquantized: bool = option(False, "Go on when more than 10% of the decoder blocks' weight matrices would stay "
                                             "in full precision (e.g. fused tensors no family spec declares, which are not nn.Linear); "

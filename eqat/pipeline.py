@@ -197,7 +197,7 @@ def _quantize(opts: QuantizeOptions, plan: list[Method], storage: torch.dtype, m
     if ids is not None:
         report["perplexity"] = ppl(schemes.name)
         check_perplexity(report["perplexity"], "eqat quantize")
-    report["warnings"] = run_warnings(model, report)
+    report["warnings"] = list(opts.ignored_flags) + run_warnings(model, report)
     report["total_seconds"] = time.perf_counter() - t0
 
     def extras(folder: Path) -> None:

@@ -363,3 +363,33 @@ def test_help_and_info_list_the_registered_methods(cli):
     methods = json.loads(out)["methods"]
     assert code == 0 and {"rtn": "data-free", "block-ap": "block-wise", "e2e-qp": "end-to-end"} == {
         n: m["phase"] for n, m in methods.items() if n in ("rtn", "block-ap", "e2e-qp")}
+
+
+def test_flags_of_methods_the_plan_does_not_run_are_reported(cli, tiny_model_dir, tmp_path):
+    """A method flag set on the command line (or to a non-default value in --config) that no method
+    of the plan reads is named in a warning and in report.json, not dropped silently; flags the
+    plan reads, and a recorded config's defaults, give none."""
+    import yaml
+
+    src, out = tiny_model_dir(), tmp_path / "q"
+    code, _, err = cli("quantize", "--model", str(src), "--method", "rtn", "--scheme", "w4g16", "--no-eval",
+                       "--loss", "clamp", "--e2e-lr", "1e-4", "--epochs", "3", "--out", str(out), "-q")
+    assert code == 0, err
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    ignored = [w for w in warnings if "does not run: it was ignored" in w]
+    assert any(w.startswith("--loss is an option of block-ap,") and "plan (rtn)" in w for w in ignored), (warnings, err)
+    assert any(w.startswith("--e2e-lr is an option of e2e-qp") for w in ignored), warnings
+    assert any(w.startswith("--epochs is an option of block-wise methods") for w in ignored), warnings
+    assert len(ignored) == 3 and "--loss is an option of block-ap" in err
+    # the recorded config (every option, mostly defaults) replays with the same three, no more
+    recorded = yaml.safe_load((out / "eqat_quantize.yaml").read_text())
+    assert recorded["loss"] == "clamp"
+    code, _, err = cli("quantize", "--config", str(out / "eqat_quantize.yaml"), "--out", str(tmp_path / "r"), "-q")
+    assert code == 0, err
+    again = [w for w in json.loads((tmp_path / "r" / "report.json").read_text())["warnings"] if "ignored" in w]
+    assert len(again) == 3, again
+    code, _, err = cli("quantize", "--model", str(src), "--method", "block-ap", "--scheme", "w4g16", "--no-eval",
+                       "--loss", "clamp", "--epochs", "1", "--nsamples", "4", "--val-samples", "2", "--calib-seqlen",
+                       "32", "--out", str(tmp_path / "b"), "-q")
+    assert code == 0, err
+    assert not [w for w in json.loads((tmp_path / "b" / "report.json").read_text())["warnings"] if "ignored" in w]

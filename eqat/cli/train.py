@@ -72,6 +72,25 @@ def _quantize_flags() -> list[Flag]:
 QUANTIZE_FLAGS = _quantize_flags()
 
 
+def ignored_method_flags(ctx: typer.Context, flags: list[Flag], plan: list) -> list[str]:
+    """Warnings for the method flags the user set (on the command line, or to a non-default value in
+    --config) that no method of `plan` reads: nothing a user asked for is dropped silently."""
+    from eqat.methods.base import registered_methods
+
+    methods, run = registered_methods(), {m.name for m in plan} | {f"@{m.phase}" for m in plan}
+    ignored = []
+    for f in flags:
+        sections = {s for s, _ in f.targets}
+        if not all(s.startswith("@") or s in methods for s in sections) or sections & run:
+            continue  # a pipeline flag, or one that a method of the plan reads
+        source = getattr(ctx.get_parameter_source(f.param), "name", None)  # typer may carry its own click
+        if source == "COMMANDLINE" or (source == "DEFAULT_MAP" and ctx.params.get(f.param) != f.default):
+            owners = ", ".join(sorted(s[1:] + " methods" if s.startswith("@") else s for s in sections))
+            ignored.append(f"{f.decls[0].split('/')[0]} is an option of {owners}, which this plan "
+                           f"({'+'.join(m.name for m in plan)}) does not run: it was ignored.")
+    return ignored
+
+
 def quantize(
     ctx: typer.Context,
     config: Optional[str] = CONFIG,
@@ -89,6 +108,7 @@ def quantize(
     opts = QuantizeOptions(scheme=_scheme(scheme, bits, group_size, symmetric), progress=not quiet,
                            configs=method_configs())
     apply(QUANTIZE_FLAGS, flags, {"top": opts, "eval": opts.eval, "calib": opts.calib, **config_sections(opts.configs)})
+    opts.ignored_flags = ignored_method_flags(ctx, QUANTIZE_FLAGS, opts.plan())
     report = quantize_run(opts)
     save_config(ctx, report["output"])
     _print_warnings(report)
