@@ -320,8 +320,29 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def vllm_why_not(kind: str, qc: dict, python: str | None) -> str | None:
+# vLLM 0.32's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_size(folder: Path) -> int | None:
+    """The attention head size of the model in `folder` (its text config's, for a VLM), or None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = cfg.get("text_config") or cfg
+    if text.get("head_dim"):
+        return int(text["head_dim"])
+    heads = text.get("num_attention_heads")
+    return text["hidden_size"] // heads if heads and text.get("hidden_size") else None
+
+
+def vllm_why_not(kind: str, qc: dict, python: str | None, folder: Path | None = None) -> str | None:
     schemes = weight_schemes(kind, qc)
+    head = head_size(folder) if folder is not None else None
+    if head is not None and head not in VLLM_CPU_HEAD_SIZES and not torch.cuda.is_available():
+        return (f"vLLM's CPU attention takes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} and this model's is "
+                f"{head} (\"Unsupported CPU attention configuration\"); run on a GPU")
     moe = qc.get("moe")
     if moe and kind == "gptq" and moe["model_type"] == "mixtral":
         return ("this GPTQ export names Mixtral's experts as GPTQModel does (mlp.experts.{e}.gate_proj) and vLLM reads "

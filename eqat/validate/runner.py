@@ -187,9 +187,9 @@ def _folders(model_dir: str | Path, exports: list[str | Path], backends: list[st
     return folders
 
 
-def _why_not(backend_name: str, kind: str, qc: dict, vllm_python: str | None) -> str | None:
+def _why_not(backend_name: str, kind: str, qc: dict, vllm_python: str | None, path: Path | None = None) -> str | None:
     if backend_name == "vllm":
-        return vllm_why_not(kind, qc, vllm_python)
+        return vllm_why_not(kind, qc, vllm_python, path)
     return BACKENDS[backend_name].why_not(kind, qc)
 
 
@@ -198,7 +198,7 @@ def _run_one(folder: Folder, backend_name: str, ref: Reference, thresholds: Thre
     """One (folder, backend) row: skipped (with the reason), error (with the message), pass or fail."""
     path, kind, qc = folder
     row: dict[str, Any] = {"folder": str(path), "name": path.name, "kind": kind, "backend": backend_name}
-    reason = _why_not(backend_name, kind, qc, vllm_python)
+    reason = _why_not(backend_name, kind, qc, vllm_python, path)
     if reason:
         return {**row, "status": "skipped", "reason": reason}
     backend, t = BACKENDS[backend_name], time.perf_counter()
@@ -225,7 +225,7 @@ def _nothing_compared(exports: list[Folder], rows: list[dict], backends: list[st
     parts = []
     for path, kind, qc in exports:
         readers = [b.name for b in BACKENDS.values() if kind in b.kinds]
-        runnable = [b for b in readers if _why_not(b, kind, qc, vllm_python) is None]
+        runnable = [b for b in readers if _why_not(b, kind, qc, vllm_python, path) is None]
         skipped = [f"{r['backend']} skipped ({r['reason']})" for r in rows if r["folder"] == str(path)]
         tried = "; ".join(skipped) or f"no backend in --backends {','.join(backends or ())} reads {kind}"
         fix = (f"pass --backends {','.join(runnable)} (or leave --backends out)" if runnable else

@@ -137,6 +137,8 @@ def test_vllm_runs_in_a_subprocess_of_another_python(checkpoint, tmp_path, mode,
 
     monkeypatch.setattr(backends, "cpu_has_avx512", lambda: True)
     export_checkpoint(checkpoint, "compressed-tensors", tmp_path / "ct")
+    # the stand-in is not vLLM: let it take the tiny model's head size, which vLLM's CPU attention refuses
+    monkeypatch.setattr(backends, "VLLM_CPU_HEAD_SIZES", (backends.head_size(tmp_path / "ct"),))
     fake = tmp_path / "python"
     fake.write_text(FAKE_VLLM.format(python=sys.executable, mode=mode))
     fake.chmod(0o755)
@@ -191,6 +193,28 @@ def test_runtimes_that_cannot_hold_a_folder_are_skipped_with_the_reason():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the AVX-512 rule is vLLM's CPU path")
+def test_vllm_on_cpu_skips_head_sizes_its_attention_lacks(checkpoint, tmp_path, monkeypatch):
+    """vLLM 0.32's CPU attention takes head sizes 32-512 from a fixed list; the tiny test model's
+    (16) fails inside vLLM ("Unsupported CPU attention configuration"), so validate skips it with
+    the reason instead of reporting an error; a listed size is run."""
+    from eqat.validate import backends
+
+    monkeypatch.setattr(backends, "cpu_has_avx512", lambda: True)
+    export_checkpoint(checkpoint, "compressed-tensors", tmp_path / "ct")
+    ct4 = {"config_groups": {"group_0": {"weights": {"num_bits": 4}}}}
+    head = backends.head_size(tmp_path / "ct")
+    assert head == 16 and head not in backends.VLLM_CPU_HEAD_SIZES
+    why = backends.vllm_why_not("compressed-tensors", ct4, "/x/python", tmp_path / "ct")
+    assert "head sizes 32, 64, 80" in why and "this model's is 16" in why, why
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    (tmp_path / "ct" / "config.json").write_text(json.dumps({**cfg, "head_dim": 64}))
+    assert backends.vllm_why_not("compressed-tensors", ct4, "/x/python", tmp_path / "ct") is None
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    report = validate(checkpoint, [tmp_path / "ct"], backends=["vllm", "eqat-torch"], vllm_python="/x/python", **SMALL)
+    row = next(r for r in report["rows"] if r["backend"] == "vllm")
+    assert row["status"] == "skipped" and "this model's is 16" in row["reason"]
+
+
 def test_vllm_on_a_cpu_without_avx512_is_skipped_with_the_reason(monkeypatch):
     from eqat.validate import backends
 
