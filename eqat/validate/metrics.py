@@ -50,6 +50,11 @@ class Thresholds:
             max_kl = max(max_kl, 2 * row["reference_self_kl"])
             max_ppl = max(max_ppl, 2 * abs(row["reference_self_ppl_delta_pct"]))
         out = []
+        bad = [k for k in ("ppl", "reference_ppl", "ppl_delta_pct", "mean_kl", "top1_agree")
+               if isinstance(row.get(k), float) and not math.isfinite(row[k])]
+        if bad:  # NaN compares false with every threshold: without this it would pass
+            out.append(f"{', '.join(bad)} not finite in {row.get('dtype') or 'its dtype'} (the model overflows there, or "
+                       "the runtime computed nothing; Gemma 2/3 overflow in float16: use a bfloat16 runtime)")
         if abs(row["ppl_delta_pct"]) > max_ppl:
             out.append(f"ppl delta {row['ppl_delta_pct']:+.2f}% beyond +-{max_ppl:.3g}%")
         if row.get("top1_agree") is not None and row["top1_agree"] < min_top1:

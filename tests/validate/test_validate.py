@@ -44,6 +44,12 @@ def test_metrics():
     assert t.failures({"ppl_delta_pct": 0.5, "top1_agree": 0.99, "mean_kl": 1e-4}) == []
     assert len(t.failures({"ppl_delta_pct": -2.0, "top1_agree": 0.5, "mean_kl": 1.0})) == 3
     assert t.failures({"ppl_delta_pct": 0.1, "top1_agree": None, "mean_kl": None}) == []  # vLLM: perplexity only
+    # NaN passes every `>` test: Gemma 3 270M's GPTQ export in float16 scored ppl nan in GPTQModel and
+    # transformers, and eqat's own float16 forward too, so the delta was nan; such a row must fail
+    nan = float("nan")
+    why = t.failures({"ppl": nan, "reference_ppl": nan, "ppl_delta_pct": nan, "top1_agree": 1.0, "mean_kl": nan,
+                      "dtype": "float16"})
+    assert len(why) == 1 and why[0].startswith("ppl, reference_ppl, ppl_delta_pct, mean_kl not finite in float16"), why
 
 
 def test_every_installed_runtime_agrees_with_eqat(checkpoint, tmp_path):
