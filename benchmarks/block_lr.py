@@ -19,8 +19,10 @@ from pathlib import Path
 from eqat.core.scheme import QuantScheme
 from eqat.data import calibration_windows
 from eqat.io.report import environment, write_json
-from eqat.methods import block_ap
-from eqat.methods.block_ap import BlockAPConfig, BlockAPTrainer
+from eqat.engine.blockwise import BlockwiseEngine
+from eqat.methods.base import ParamGroup, get_method, register_method
+from eqat.methods.block_ap import BlockAP, BlockAPConfig
+from eqat.methods.fakequant import FakeQuantLinear
 from eqat.models.default_model import packaged_model_path
 from eqat.models.loading import load_model
 
@@ -40,32 +42,31 @@ def train_first_blocks(model_name: str, blocks: int, scheme: QuantScheme, lr_wei
     calib = calibration_windows(tok, "c4", nsamples + 8, seqlen, seed=0)
     cfg = BlockAPConfig(val_samples=8, epochs=1, lr_weight=lr_weight, lr_quant=lr_quant, keep_best=False,
                         lr_backoff=False)
-    original = block_ap.BlockAP.prepare_block
-    if only:
-        block_ap.BlockAP.prepare_block = _named(original, only)
-    try:
-        records = BlockAPTrainer(model, scheme, cfg, tempfile.mkdtemp(), progress=False).run(calib)
-    finally:
-        block_ap.BlockAP.prepare_block = original
+    method = get_method("block-ap-some-linears")
+    method.only = only
+    records = BlockwiseEngine(model, method, cfg, scheme, tempfile.mkdtemp(), progress=False).run(calib)
     return [{"block": r.block, "start": r.init_loss, "trained": r.final_loss} for r in records]
 
 
-def _named(original, only: list[str]):
-    """prepare_block that moves the weights of Linears not named in `only` to a group at ~0."""
-    from eqat.methods.base import ParamGroup
-    from eqat.methods.fakequant import FakeQuantLinear
+class BlockAPSomeLinears(BlockAP):
+    """Block-AP whose weights train only in the Linears named by `only` (the others' at ~0); registered
+    under its own name so the engine can run it, as benchmarks/sink_block.py does."""
 
-    def prepare(self, block, scheme, cfg):
-        groups = original(self, block, scheme, cfg)
+    name = "block-ap-some-linears"
+    only: list[str] | None = None
+
+    def prepare_block(self, block, scheme, cfg):
+        groups = super().prepare_block(block, scheme, cfg)
+        if not self.only:
+            return groups
         frozen = {id(m.weight) for n, m in block.named_modules()
-                  if isinstance(m, FakeQuantLinear) and not any(part in n for part in only)}
-        out = []
-        for g in groups:
-            keep = [p for p in g.params if id(p) not in frozen]
-            out += [ParamGroup(g.name, keep, g.lr)] if keep else []
-        return out + [ParamGroup("frozen_weights", [p for g in groups for p in g.params if id(p) in frozen], OFF)]
+                  if isinstance(m, FakeQuantLinear) and not any(part in n for part in self.only)}
+        kept = [ParamGroup(g.name, [p for p in g.params if id(p) not in frozen], g.lr) for g in groups]
+        return [g for g in kept if g.params] + [
+            ParamGroup("frozen_weights", [p for g in groups for p in g.params if id(p) in frozen], OFF)]
 
-    return prepare
+
+register_method(BlockAPSomeLinears)
 
 
 def main() -> None:
